@@ -82,12 +82,99 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _anonymize_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument("src", type=Path, metavar="SRC", help="folder of identified DICOM files")
+    parser.add_argument("dest", type=Path, metavar="DEST", help="folder for the clean files")
+    parser.add_argument(
+        "--quarantine",
+        type=Path,
+        metavar="DIR",
+        help="folder for quarantined originals (default: 'quarantine' beside DEST)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, metavar="N", help="worker processes (default: cores)"
+    )
+
+
+def _anonymize(args: argparse.Namespace) -> int:
+    """De-identify SRC into DEST offline, with the daemon's engine and identity store."""
+    from anonpipe.anon.batch import EngineSpec, iter_files, run_batch
+    from anonpipe.anon.identity import IdentityError, load_or_create_key
+    from anonpipe.logs import configure_logging
+
+    settings = load_settings(args.config, os.environ)
+    configure_logging(settings.logging.level, settings.logging.format)  # type: ignore[arg-type]
+    if not args.src.is_dir():
+        print(f"anonpipe anonymize: SRC {args.src} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs is not None and args.jobs < 1:
+        print("anonpipe anonymize: --jobs must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    anon = settings.anon
+    try:
+        key = load_or_create_key(anon.key_file)
+    except IdentityError as exc:
+        print(f"anonpipe anonymize: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    spec = EngineSpec(
+        identity_db=anon.identity_db,
+        key=key,
+        options=anon.options,
+        dates=anon.dates,
+        allowed_modalities=anon.allowed_modalities,
+        shift_days=anon.date_shift_days,
+        vocabulary=anon.limited_vocabulary,
+        safe_private=anon.safe_private,
+    )
+    quarantine_dir = args.quarantine or args.dest.parent / "quarantine"
+    files = list(iter_files(args.src))
+    progress = _Progress(len(files), sys.stderr)
+    summary = run_batch(
+        files, args.dest, quarantine_dir, spec, args.jobs or anon.jobs, progress.update
+    )
+    progress.done()
+    print(
+        f"{summary.total} files: {summary.clean} clean, "
+        f"{sum(summary.quarantined.values())} quarantined, {sum(summary.errors.values())} errors"
+    )
+    for label, counts in (("quarantined", summary.quarantined), ("errors", summary.errors)):
+        for reason, count in sorted(counts.items()):
+            print(f"  {label}: {reason}: {count}")
+    print(f"clean files in {args.dest}; quarantine in {quarantine_dir}")
+    return EXIT_FAILURE if summary.errors else EXIT_OK
+
+
+class _Progress:
+    """A one-line progress counter on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total, self.count, self.stream = total, 0, stream
+        self.live = bool(getattr(stream, "isatty", lambda: False)())
+
+    def update(self, _outcome: object) -> None:
+        self.count += 1
+        if self.live and (self.count % 25 == 0 or self.count == self.total):
+            self.stream.write(f"\r{self.count}/{self.total} files")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         "check-config",
         "validate the configuration file and print the effective settings",
         _add_config_option,
         _check_config,
+    ),
+    Subcommand(
+        "anonymize",
+        "de-identify a folder of DICOM files offline (same engine and identity store)",
+        _anonymize_arguments,
+        _anonymize,
     ),
 )
 

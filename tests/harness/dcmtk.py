@@ -354,12 +354,15 @@ def storescu(
     host: str = LOOPBACK,
     called_aet: str = "ANY-SCP",
     calling_aet: str = "STORESCU",
+    propose: str = "--propose-rle",
     timeout: float = 120.0,
 ) -> ToolResult:
     """C-STORE files (or directories, recursively) in one association.
 
-    Only the presentation contexts the files need are proposed (``--required``), so compressed
-    files are sent as they are, never transcoded.
+    Only the presentation contexts the files need are proposed (``--required``); `propose`
+    chooses their transfer syntaxes. The default proposes RLE Lossless and every uncompressed
+    syntax, which covers all that :mod:`tests.harness.studygen` writes: ``storescu`` cannot
+    decompress on the fly, so a file is only sent in its own transfer syntax.
 
     Raises
     ------
@@ -374,6 +377,7 @@ def storescu(
             "storescu",
             "-v",
             "--required",
+            propose,
             "+sd",
             "+r",
             *_association_args(calling_aet, called_aet, timeout),

@@ -73,7 +73,10 @@ REVIEW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("id", "integer NOT NULL PRIMARY KEY AUTOINCREMENT"),
     ("created", "datetime NOT NULL"),
     ("modified", "datetime NOT NULL"),
-    ("study_id", 'integer NOT NULL REFERENCES "{study_table}" ("id") DEFERRABLE INITIALLY DEFERRED'),
+    (
+        "study_id",
+        'integer NOT NULL REFERENCES "{study_table}" ("id") DEFERRABLE INITIALLY DEFERRED',
+    ),
     # The reviewer, a row of Django's auth_user (not part of this database).
     ("user_id", "integer NOT NULL"),
     ("has_phi", "bool NULL"),
@@ -181,7 +184,7 @@ class ReviewDB:
 
     def __init__(self, path: Path | str, prefix: str = DEFAULT_PREFIX) -> None:
         if not _PREFIX_RE.match(prefix):
-            raise ValueError(f"prefix must be a SQL identifier such as 'dicom_staging_': {prefix!r}")
+            raise ValueError(f"prefix must be an SQL identifier like 'dicom_staging_': {prefix!r}")
         self.path = Path(path)
         self.prefix = prefix
         self.study_table = f"{prefix}radiologystudy"

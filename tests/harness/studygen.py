@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import random
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,9 @@ class Manifest:
     planted_uids: frozenset[str]
     planted_dates: frozenset[str]
     _by_sop: dict[str, InstanceRecord] = field(default_factory=dict, repr=False, compare=False)
+    _matchers: dict[tuple[bool, bool], _Matcher] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self._by_sop.update((i.sop_instance_uid, i) for i in self.instances)
@@ -333,7 +337,11 @@ class Manifest:
         set of str
             The planted strings found; empty when nothing leaked.
         """
-        return {s for s in self.identifiers(uids=uids, dates=dates) if s.encode("ascii") in data}
+        matcher = self._matchers.get((uids, dates))
+        if matcher is None:
+            matcher = _Matcher(self.identifiers(uids=uids, dates=dates))
+            self._matchers[(uids, dates)] = matcher
+        return matcher.find(data)
 
     def find_planted_in_files(
         self, paths: Iterable[Path | str], *, uids: bool = True, dates: bool = False
@@ -349,6 +357,43 @@ class Manifest:
     def expected_pixel_bytes(self, series: SeriesRecord) -> bytes:
         """The uncompressed little-endian pixel data every instance of `series` carries."""
         return pixel_bytes(series.size, series.modality, series.pixel_variant)
+
+
+class _Matcher:
+    """Find which of many strings occur in a large buffer, exactly and fast.
+
+    Testing thousands of identifiers with ``in`` against 512 KiB files one by one is slow.
+    Instead, the few distinct 3-byte prefixes of the needles are located with ``bytes.find``
+    (C speed); at each hit the longest run of bytes that needles are made of is taken, and a
+    needle occurs there exactly when it is a prefix of that run.
+    """
+
+    def __init__(self, needles: Iterable[str]) -> None:
+        self._needles = {n.encode("ascii"): n for n in needles}
+        self._lengths = sorted({len(n) for n in self._needles})
+        self._prefixes = sorted({n[:3] for n in self._needles})
+        chars = b"".join(re.escape(bytes([c])) for c in sorted(set(b"".join(self._needles))))
+        self._run = re.compile(b"[" + chars + b"]+") if chars else None
+
+    def find(self, data: bytes) -> set[str]:
+        if self._run is None:
+            return set()
+        if self._lengths[0] < 3:
+            return {text for needle, text in self._needles.items() if needle in data}
+        found: set[str] = set()
+        for prefix in self._prefixes:
+            position = data.find(prefix)
+            while position >= 0:
+                match = self._run.match(data, position)
+                run = match.group() if match else b""
+                for length in self._lengths:
+                    if length > len(run):
+                        break
+                    text = self._needles.get(run[:length])
+                    if text is not None:
+                        found.add(text)
+                position = data.find(prefix, position + 1)
+        return found
 
 
 # ---------------------------------------------------------------------------------- pixels
@@ -413,47 +458,60 @@ def _encapsulated(size: ImageSize, modality: str, variant: int) -> bytes:
 
 
 class _Tokens:
-    """Unique random tokens from a seeded generator, so every planted value is distinctive."""
+    """Distinctive random values from a seeded generator, remembering what was planted.
+
+    Every identifier is a prefix plus a token never issued before, so it is unique in the data
+    set and cannot occur by chance. :meth:`take` hands over what was planted since last time,
+    which gives each patient and study its own set.
+    """
 
     def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
+        self.rng = rng
         self._seen: set[str] = set()
+        self._planted: set[str] = set()
 
-    def __call__(self, length: int = 8) -> str:
+    def _token(self, length: int) -> str:
         while True:
-            token = "".join(self._rng.choice(_TOKEN_ALPHABET) for _ in range(length))
+            token = "".join(self.rng.choice(_TOKEN_ALPHABET) for _ in range(length))
             if token not in self._seen:
                 self._seen.add(token)
                 return token
 
+    def ident(self, prefix: str, length: int = 8) -> str:
+        """A planted identifier such as ``PHIID4T9KQ2M8``."""
+        value = f"{prefix}{self._token(length)}"
+        self._planted.add(value)
+        return value
+
+    def person(self, prefix: str) -> str:
+        """A planted PN value; the whole name and each component count as planted."""
+        family = self.ident(prefix, 6)
+        given = self.ident(self.rng.choice(_GIVEN_NAMES), 6)
+        name = f"{family}^{given}"
+        self._planted.add(name)
+        return name
+
+    def take(self) -> set[str]:
+        """The values planted since the previous call."""
+        planted, self._planted = self._planted, set()
+        return planted
+
     def uid(self) -> str:
         """A random 2.25 UID of 38-39 digits (original UIDs must never match by accident)."""
-        return f"2.25.{self._rng.getrandbits(126) | (1 << 126)}"
+        return f"2.25.{self.rng.getrandbits(126) | (1 << 126)}"
 
     def date(self, first_year: int, last_year: int) -> str:
-        return (
-            f"{self._rng.randint(first_year, last_year):04d}"
-            f"{self._rng.randint(1, 12):02d}{self._rng.randint(1, 28):02d}"
-        )
+        year = self.rng.randint(first_year, last_year)
+        return f"{year:04d}{self.rng.randint(1, 12):02d}{self.rng.randint(1, 28):02d}"
 
     def time(self) -> str:
-        return (
-            f"{self._rng.randint(7, 18):02d}{self._rng.randint(0, 59):02d}"
-            f"{self._rng.randint(0, 59):02d}"
-        )
-
-    def person(self, family_prefix: str) -> tuple[str, str, str]:
-        """A PN value and its two components, each holding its own token."""
-        family = f"{family_prefix}{self(6)}"
-        given = f"{self._rng.choice(_GIVEN_NAMES)}{self(6)}"
-        return f"{family}^{given}", family, given
+        rng = self.rng
+        return f"{rng.randint(7, 18):02d}{rng.randint(0, 59):02d}{rng.randint(0, 59):02d}"
 
 
 @dataclass
 class _Patient:
     name: str
-    family: str
-    given: str
     patient_id: str
     issuer: str
     other_ids: tuple[str, str]
@@ -465,7 +523,11 @@ class _Patient:
     mother_name: str
     history: str
     comments: str
-    planted: set[str]
+    planted: set[str] = field(default_factory=set)
+
+    @property
+    def family(self) -> str:
+        return self.name.split("^")[0]
 
 
 @dataclass
@@ -494,8 +556,8 @@ class _Study:
     private_un_id: str
     private_name: str
     frame_of_reference: dict[str, str]
-    planted: set[str]
-    uids: set[str]
+    planted: set[str] = field(default_factory=set)
+    uids: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -515,113 +577,64 @@ class _Series:
     instance_uids: list[str]
 
 
-def _make_patient(tok: _Tokens, rng: random.Random) -> _Patient:
-    name, family, given = tok.person("PHIFAM")
-    mother, _, _ = tok.person("PHIMOM")
+def _make_patient(tok: _Tokens) -> _Patient:
+    rng = tok.rng
+    name = tok.person("PHIFAM")
+    patient_id = tok.ident("PHIID")
+    phone = tok.ident("PHITEL")
     patient = _Patient(
         name=name,
-        family=family,
-        given=given,
-        patient_id=f"PHIID{tok()}",
-        issuer=f"PHIISSUER{tok(6)}",
-        other_ids=(f"PHIOID{tok()}", f"PHIOID{tok()}"),
-        universal_entity_id=f"PHIUEID{tok()}",
+        patient_id=patient_id,
+        issuer=tok.ident("PHIISSUER", 6),
+        other_ids=(tok.ident("PHIOID"), tok.ident("PHIOID")),
+        universal_entity_id=tok.ident("PHIUEID"),
         birth_date=tok.date(1930, 2010),
         sex=rng.choice("FMO"),
-        address=f"{rng.randint(1, 999)} PHISTREET{tok(6)} ROAD, PHICITY{tok(6)}",
-        phone=f"PHITEL{tok()}",
-        mother_name=mother,
-        history="",
-        comments="",
-        planted=set(),
+        address=f"{rng.randint(1, 999)} {tok.ident('PHISTREET', 6)} ROAD, "
+        f"{tok.ident('PHICITY', 6)}",
+        phone=phone,
+        mother_name=tok.person("PHIMOM"),
+        history=f"Prior scan of {name.split('^')[0]}, MRN {patient_id}",
+        comments=f"Contact {name.split('^')[1]} at {phone}",
     )
-    patient.history = f"Prior scan of {family}, MRN {patient.patient_id}"
-    patient.comments = f"Contact {given} at {patient.phone}"
-    patient.planted = {
-        name,
-        family,
-        given,
-        patient.patient_id,
-        patient.issuer,
-        *patient.other_ids,
-        patient.universal_entity_id,
-        patient.address,
-        patient.phone,
-        mother,
-        *mother.split("^"),
-    }
+    patient.planted = tok.take()
     return patient
 
 
-def _make_study(
-    tok: _Tokens, rng: random.Random, patient: _Patient, modalities: Sequence[str]
-) -> _Study:
-    referring, ref_family, ref_given = tok.person("PHIREF")
-    record, rec_family, rec_given = tok.person("PHIREC")
-    reading, read_family, read_given = tok.person("PHIREAD")
-    first = modalities[0]
+def _make_study(tok: _Tokens, patient: _Patient, modalities: Sequence[str]) -> _Study:
+    """A study's identity; its series add their own planted values to ``planted`` later."""
+    rng = tok.rng
+    protocol = rng.choice(_STUDY_PROTOCOLS[modalities[0]])
     study = _Study(
         uid=tok.uid(),
         date=tok.date(2005, 2023),
         time=tok.time(),
-        accession=f"PHIACC{tok()}",
-        study_id=f"PHISTU{tok()}",
-        referring=referring,
-        referring_code=f"PHIRCODE{tok()}",
-        physician_of_record=record,
-        reading_physician=reading,
-        institution=f"PHIINST{tok(6)} HOSPITAL",
-        institution_address=f"{rng.randint(1, 99)} PHIINSTREET{tok(6)}, PHITOWN{tok(6)}",
-        department=f"PHIDEPT{tok(6)} RADIOLOGY",
-        requested_procedure_id=f"PHIRPID{tok()}",
-        scheduled_step_id=f"PHISPS{tok()}",
-        accession_issuer=f"PHIACCISS{tok()}",
-        procedure_code=f"PHIPC{tok()}",
-        source_aet=f"PHIAE{tok(6)}",
+        accession=tok.ident("PHIACC"),
+        study_id=tok.ident("PHISTU"),
+        referring=tok.person("PHIREF"),
+        referring_code=tok.ident("PHIRCODE"),
+        physician_of_record=tok.person("PHIREC"),
+        reading_physician=tok.person("PHIREAD"),
+        institution=f"{tok.ident('PHIINST', 6)} HOSPITAL",
+        institution_address=f"{rng.randint(1, 99)} {tok.ident('PHIINSTREET', 6)}, "
+        f"{tok.ident('PHITOWN', 6)}",
+        department=f"{tok.ident('PHIDEPT', 6)} RADIOLOGY",
+        requested_procedure_id=tok.ident("PHIRPID"),
+        scheduled_step_id=tok.ident("PHISPS"),
+        accession_issuer=tok.ident("PHIACCISS"),
+        procedure_code=tok.ident("PHIPC"),
+        source_aet=tok.ident("PHIAE", 6),
         prior_study_uid=tok.uid(),
         mpps_uid=tok.uid(),
-        description=f"{rng.choice(_STUDY_PROTOCOLS[first])} {patient.family}",
-        private_id=f"PHIPRIV{tok()}",
-        private_un_id=f"PHIUN{tok()}",
-        private_name="",
+        description=f"{protocol} {patient.family}",
+        private_id=tok.ident("PHIPRIV"),
+        private_un_id=tok.ident("PHIUN"),
+        private_name=tok.person("PHIPRIVNAME"),
         frame_of_reference={m: tok.uid() for m in dict.fromkeys(modalities)},
-        planted=set(),
-        uids=set(),
     )
-    study.private_name, priv_family, priv_given = tok.person("PHIPRIVNAME")
-    study.planted = {
-        study.accession,
-        study.study_id,
-        referring,
-        ref_family,
-        ref_given,
-        study.referring_code,
-        record,
-        rec_family,
-        rec_given,
-        reading,
-        read_family,
-        read_given,
-        study.institution,
-        study.institution_address,
-        study.department,
-        study.requested_procedure_id,
-        study.scheduled_step_id,
-        study.accession_issuer,
-        study.procedure_code,
-        study.source_aet,
-        study.private_id,
-        study.private_un_id,
-        study.private_name,
-        priv_family,
-        priv_given,
-    }
-    study.uids = {
-        study.uid,
-        study.prior_study_uid,
-        study.mpps_uid,
-        *study.frame_of_reference.values(),
-    }
+    study.planted = tok.take()
+    study.uids = {study.uid, study.prior_study_uid, study.mpps_uid}
+    study.uids.update(study.frame_of_reference.values())
     return study
 
 
@@ -948,17 +961,15 @@ def generate(
     series_counter = 0
     study_counter = 0
     for p_index in range(patients):
-        patient = _make_patient(tok, rng)
+        patient = _make_patient(tok)
         study_records: list[StudyRecord] = []
         for s_index in range(studies_per_patient):
-            study = _make_study(tok, rng, patient, modalities)
+            study = _make_study(tok, patient, modalities)
             series_list: list[_Series] = []
             for se_index in range(series_per_study + (1 if protocol_series else 0)):
                 is_protocol = se_index == series_per_study
                 modality = modalities[0 if is_protocol else se_index % len(modalities)]
                 scope_index = study_counter if syntax_per == "study" else series_counter
-                performing, perf_family, perf_given = tok.person("PHIPERF")
-                operator, op_family, op_given = tok.person("PHIOP")
                 series = _Series(
                     uid=tok.uid(),
                     number=se_index + 1,
@@ -969,10 +980,10 @@ def generate(
                         if is_protocol
                         else f"{modality} SERIES {se_index + 1} {patient.family}"
                     ),
-                    performing=performing,
-                    operator=operator,
-                    station=f"PHISTA{tok(6)}",
-                    device_serial=f"PHISN{tok()}",
+                    performing=tok.person("PHIPERF"),
+                    operator=tok.person("PHIOP"),
+                    station=tok.ident("PHISTA", 6),
+                    device_serial=tok.ident("PHISN"),
                     time=tok.time(),
                     variant=series_counter % 4,
                     is_protocol=is_protocol,
@@ -980,16 +991,7 @@ def generate(
                         tok.uid() for _ in range(1 if is_protocol else instances_per_series)
                     ],
                 )
-                study.planted |= {
-                    performing,
-                    perf_family,
-                    perf_given,
-                    operator,
-                    op_family,
-                    op_given,
-                    series.station,
-                    series.device_serial,
-                }
+                study.planted |= tok.take()
                 study.uids |= {series.uid, *series.instance_uids}
                 series_list.append(series)
                 series_counter += 1

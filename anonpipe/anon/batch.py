@@ -1,0 +1,145 @@
+"""De-identify many files in parallel worker processes, each with its own identity-store handle.
+
+Work is spread over processes (the engine is CPU-bound Python, so threads would not help); each
+worker opens the identity store once and keeps its caches warm across files. Results come back
+in input order through a callback, so the caller can count, print and index as files finish.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anonpipe.anon.clean import Recipe
+from anonpipe.anon.deidentify import Outcome, deidentify_file
+from anonpipe.anon.identity import IdentityStore
+from anonpipe.anon.profile import build_profile
+from anonpipe.anon.quarantine import QuarantineRule, load_rules
+from anonpipe.anon.vocabulary import Vocabulary
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a worker process needs to build its engine (picklable, no open handles)."""
+
+    identity_db: Path
+    key: bytes
+    options: tuple[str, ...]
+    dates: str
+    allowed_modalities: tuple[str, ...]
+    shift_days: tuple[int, int] = (-365, -1)
+    vocabulary: Path | None = None
+    safe_private: tuple[str, ...] = ()
+
+
+@dataclass
+class Summary:
+    """Counts of one batch, by outcome and reason."""
+
+    clean: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one outcome."""
+        if outcome.status == "clean":
+            self.clean += 1
+        elif outcome.status == "quarantined":
+            self.quarantined[outcome.reason or "unknown"] += 1
+        else:
+            self.errors[outcome.reason or "unknown"] += 1
+
+    @property
+    def total(self) -> int:
+        """Files handled."""
+        return self.clean + sum(self.quarantined.values()) + sum(self.errors.values())
+
+
+class Engine:
+    """One process's engine: recipe, rules and identity store, opened once."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.recipe = Recipe(
+            profile=build_profile(spec.options, spec.dates),
+            dates=spec.dates,
+            vocabulary=Vocabulary.load(spec.vocabulary),
+            safe_private=frozenset(s.strip().casefold() for s in spec.safe_private),
+        )
+        self.rules: tuple[QuarantineRule, ...] = load_rules(spec.allowed_modalities)
+        self.store = IdentityStore(spec.identity_db, spec.key, spec.shift_days)
+
+    def run(self, source: Path, clean_dir: Path, quarantine_dir: Path) -> Outcome:
+        """De-identify one file (see :func:`deidentify_file`)."""
+        recipe, rules, store = self.recipe, self.rules, self.store
+        return deidentify_file(source, clean_dir, quarantine_dir, recipe, rules, store)
+
+    def close(self) -> None:
+        """Close the identity store."""
+        self.store.close()
+
+
+_worker: Engine | None = None
+
+
+def _init_worker(spec: EngineSpec) -> None:
+    global _worker
+    _worker = Engine(spec)
+
+
+def _run_one(task: tuple[Path, Path, Path]) -> Outcome:
+    if _worker is None:  # pragma: no cover - the pool initializer always runs first
+        raise RuntimeError("worker engine not initialised")
+    return _worker.run(*task)
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Regular files under `root` in a stable order, skipping hidden and temporary names."""
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+def run_batch(
+    files: Iterable[Path],
+    clean_dir: Path,
+    quarantine_dir: Path,
+    spec: EngineSpec,
+    jobs: int = 0,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> Summary:
+    """De-identify `files` with `jobs` worker processes (0: one per core; 1: in this process).
+
+    Parameters
+    ----------
+    on_outcome
+        Called in this process for every file, in input order, as results arrive.
+    """
+    jobs = jobs or os.cpu_count() or 1
+    summary = Summary()
+    tasks = ((path, clean_dir, quarantine_dir) for path in files)
+
+    def report(outcome: Outcome) -> None:
+        summary.add(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    if jobs == 1:
+        engine = Engine(spec)
+        try:
+            for task in tasks:
+                report(engine.run(*task))
+        finally:
+            engine.close()
+        return summary
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(jobs, context, _init_worker, (spec,)) as pool:
+        for outcome in pool.map(_run_one, tasks, chunksize=16):
+            report(outcome)
+    return summary

@@ -1,0 +1,244 @@
+"""Apply the profile to a data set: every element, every sequence item, at every depth.
+
+The rules are data (:mod:`anonpipe.anon.profile`); this module only says what each action does to
+an element of a given VR. Decisions of ours, beyond Table E.1-1:
+
+* Patient Name, Patient ID, Accession Number and Study ID get keyed pseudonyms from the identity
+  store instead of being emptied, so a patient keeps one pseudonym across studies and runs and
+  the identity store can link them back;
+* a sequence is only removed when its action is X; otherwise it is kept and cleaned item by item;
+* a UID not listed in the table is still replaced unless it is a DICOM standard UID
+  (1.2.840.10008.*): a stray instance UID must not survive, and keyed replacement keeps references;
+* every DA and the date part of every DT that survives the rules is shifted by the patient's
+  offset (dates = shift), kept (keep) or emptied (remove), so no original date survives;
+* Clean (C) without a cleaner for the value falls back to the basic action: descriptors on the
+  limited vocabulary are kept verbatim, anything else is removed as the basic profile says;
+* a public element of unknown VR (UN, not in pydicom's dictionary) is removed: we cannot judge it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+
+from anonpipe.anon.identity import IdentityStore, PatientPseudonym
+from anonpipe.anon.profile import Action, Profile
+from anonpipe.anon.residual import IDENTIFYING_KEYWORDS
+from anonpipe.anon.values import values_of
+from anonpipe.anon.vocabulary import Vocabulary
+
+STANDARD_UID_ROOT = "1.2.840.10008."
+
+#: Identity-store table that records each replaced UID, by the attribute holding it.
+UID_KINDS: dict[int, str] = {
+    0x0020000D: "studyuid",
+    0x0020000E: "seriesuid",
+    0x00080018: "sopinstanceuid",
+    0x00081155: "sopinstanceuid",  # Referenced SOP Instance UID
+    0x00020003: "sopinstanceuid",  # Media Storage SOP Instance UID
+    0x00200052: "frameofreferenceuid",
+    0x30060024: "frameofreferenceuid",  # Referenced Frame of Reference UID
+}
+
+#: Dummy values (action D) per VR; UIDs are replaced, sequences cleaned, others emptied.
+DUMMY_BY_VR: dict[str, Any] = {
+    "AE": "ANONYMIZED",
+    "AS": "000Y",
+    "CS": "ANONYMIZED",
+    "DA": "19000101",
+    "DS": "0",
+    "DT": "19000101000000",
+    "IS": "0",
+    "LO": "ANONYMIZED",
+    "LT": "ANONYMIZED",
+    "PN": "ANONYMIZED",
+    "SH": "ANONYMIZED",
+    "ST": "ANONYMIZED",
+    "TM": "000000",
+    "UC": "ANONYMIZED",
+    "UT": "ANONYMIZED",
+    "FL": 0.0,
+    "FD": 0.0,
+    "SL": 0,
+    "SS": 0,
+    "SV": 0,
+    "UL": 0,
+    "US": 0,
+    "UV": 0,
+}
+
+_DATE_OPTION = "retain_longitudinal_modified_dates"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides how a file is cleaned, apart from the identity store."""
+
+    profile: Profile
+    dates: str
+    vocabulary: Vocabulary = field(default_factory=Vocabulary)
+    safe_private: frozenset[str] = frozenset()
+
+
+class Cleaner:
+    """Clean the data sets of one file for one patient; remembers what it kept verbatim.
+
+    ``kept`` (tags copied unchanged although identifying or private) tells the residual-PHI gate
+    which input values it should not look for: the profile kept them on purpose.
+    """
+
+    def __init__(self, recipe: Recipe, store: IdentityStore, patient: PatientPseudonym) -> None:
+        self.recipe = recipe
+        self.store = store
+        self.patient = patient
+        self.kept: set[BaseTag] = set()
+        self._pseudonyms: dict[int, Callable[[str], str]] = {
+            0x00100010: self._patient_name,
+            0x00100020: lambda _original: patient.patient_id,
+            0x00080050: store.accession,
+            0x00200010: store.study_id,
+        }
+
+    def dataset(self, source: Dataset) -> Dataset:
+        """A cleaned copy of `source`; `source` is not changed."""
+        out = Dataset()
+        for element in source:
+            cleaned = self.element(element, source)
+            if cleaned is not None:
+                out.add(cleaned)
+        return out
+
+    def element(self, element: DataElement, parent: Dataset) -> DataElement | None:
+        """The cleaned element, or None when it must go."""
+        tag = element.tag
+        if tag.element == 0:  # group lengths: recomputed by the writer when needed
+            return None
+        if tag.is_private:
+            return self._private(element, parent)
+        rule = self.recipe.profile.rule(tag)
+        if rule is None:
+            return self._unlisted(element)
+        pseudonym = self._pseudonyms.get(int(tag))
+        if pseudonym is not None and rule.action is not Action.KEEP:
+            text = str(element.value or "").strip()
+            return DataElement(tag, element.VR, pseudonym(text) if text else None)
+        action = rule.action
+        if action is Action.CLEAN:
+            action = self._clean_action(element, rule.option, rule.basic)
+        return self._apply(element, action)
+
+    def _apply(self, element: DataElement, action: Action) -> DataElement | None:
+        tag, vr = element.tag, element.VR
+        if action is Action.REMOVE:
+            return None
+        if action is Action.EMPTY:
+            return DataElement(tag, vr, DicomSequence() if vr == "SQ" else None)
+        if vr == "SQ":  # D, K, C, U: keep the sequence, clean its items
+            return self._sequence(element)
+        if action is Action.REPLACE_UID or (action is Action.DUMMY and vr == "UI"):
+            return self._uids(element)
+        if action is Action.DUMMY:
+            return DataElement(tag, vr, DUMMY_BY_VR.get(vr))
+        if vr in ("DA", "DT"):  # KEEP, or CLEAN that kept the value
+            return self._date(element)
+        if _identifying(element):
+            self.kept.add(tag)
+        return element
+
+    def _clean_action(self, element: DataElement, option: str | None, basic: Action) -> Action:
+        """Resolve C: shift dates, keep white-listed descriptors, else the basic action."""
+        if option == _DATE_OPTION or element.VR in ("DA", "DT", "TM"):
+            return Action.KEEP  # _apply shifts DA/DT; times are kept when dates shift
+        if element.VR == "SQ":
+            return Action.KEEP
+        if self.recipe.vocabulary.allows(int(element.tag), element.value):
+            self.kept.add(element.tag)
+            return Action.KEEP
+        return basic
+
+    def _unlisted(self, element: DataElement) -> DataElement | None:
+        vr = element.VR
+        if vr == "SQ":
+            return self._sequence(element)
+        if vr == "UN":
+            return None
+        if vr == "UI":
+            return self._uids(element)
+        if vr in ("DA", "DT"):
+            return self._date(element)
+        return element
+
+    def _sequence(self, element: DataElement) -> DataElement:
+        items = DicomSequence([self.dataset(item) for item in element.value or ()])
+        return DataElement(element.tag, "SQ", items)
+
+    def _private(self, element: DataElement, parent: Dataset) -> DataElement | None:
+        if "retain_safe_private" not in self.recipe.profile.options or not self.recipe.safe_private:
+            return None
+        tag = element.tag
+        if tag.is_private_creator:
+            creator = element.value
+        else:
+            creator_element = parent.get(BaseTag((tag.group << 16) | (tag.element >> 8)))
+            creator = None if creator_element is None else creator_element.value
+        if str(creator or "").strip().casefold() not in self.recipe.safe_private:
+            return None
+        self.kept.add(tag)
+        return self._sequence(element) if element.VR == "SQ" else element
+
+    def _uids(self, element: DataElement) -> DataElement:
+        kind = UID_KINDS.get(int(element.tag), "uid")
+        new = [
+            uid if str(uid).startswith(STANDARD_UID_ROOT) else self.store.uid(str(uid), kind)
+            for uid in values_of(element.value)
+        ]
+        return DataElement(element.tag, "UI", _single_or_list(new))
+
+    def _date(self, element: DataElement) -> DataElement:
+        mode = self.recipe.dates
+        if mode == "keep":
+            if _identifying(element):
+                self.kept.add(element.tag)
+            return element
+        if mode == "remove":
+            return DataElement(element.tag, element.VR, None)
+        days = self.patient.date_offset_days
+        shifted = [shift_date(str(v), days) for v in values_of(element.value)]
+        kept = [v for v in shifted if v]
+        return DataElement(element.tag, element.VR, _single_or_list(kept) if kept else None)
+
+    def _patient_name(self, original: str) -> str:
+        self.store.patient_name(original, self.patient.patient_name)
+        return self.patient.patient_name
+
+
+def _single_or_list(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
+
+
+def _identifying(element: DataElement) -> bool:
+    return element.VR == "UI" or element.keyword in IDENTIFYING_KEYWORDS
+
+
+def shift_date(value: str, days: int) -> str | None:
+    """Shift a DA, or the date part of a DT, by `days`; None when it is not a full date.
+
+    Partial dates (a year alone) and invalid values cannot be shifted and are dropped rather
+    than kept: an unshifted original date must not survive.
+    """
+    text = value.strip()
+    if len(text) < 8 or not text[:8].isdigit():
+        return None
+    try:
+        date = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+        moved = date + dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        return None
+    return moved.strftime("%Y%m%d") + text[8:]

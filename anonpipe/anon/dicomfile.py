@@ -1,0 +1,448 @@
+"""Read a DICOM header without the pixel data; write a new header in front of the same pixels.
+
+The engine only rewrites the header, so pixel data is never decoded or even read into memory: the
+reader walks the element headers with seeks to find the byte span of the Pixel Data element, and
+the writer copies that span from the source file in the kernel (``os.copy_file_range``). Every
+transfer syntax passes through unchanged; a deflated dataset is the one exception that has to be
+inflated, re-encoded and deflated again as a whole.
+
+The walk is also the strictness check: pydicom reads truncated values and unknown VRs leniently,
+so anything the walk cannot account for byte by byte raises :class:`MalformedDicom`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import UID, PrivateTransferSyntaxes
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
+
+__all__ = [
+    "MalformedDicom",
+    "PixelSpan",
+    "SourceFile",
+    "WrittenFile",
+    "build_header",
+    "build_trailer",
+    "encode_dataset",
+    "encode_file_meta",
+    "read_source",
+    "write_file",
+]
+
+_PREFIX = bytes(128) + b"DICM"
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_FIRST_PIXEL_TAG = 0x7FE00008
+_LAST_PIXEL_TAG = 0x7FE00010
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_VALID_VR = frozenset(vr.value.encode() for vr in STANDARD_VR)
+_LONG_VR = frozenset(vr.value.encode() for vr in EXPLICIT_VR_LENGTH_32)
+# Deflated Explicit VR LE, JPIP Referenced Deflate, JPIP HTJ2K Referenced Deflate (PS3.5 A.5).
+_DEFLATED = frozenset(
+    {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
+)
+_CHUNK = 1 << 20
+
+
+class MalformedDicom(Exception):
+    """A file the engine must not de-identify; the caller quarantines it.
+
+    ``reason`` is short and stable (for counters and the quarantine index); ``str(exc)`` adds
+    offsets and tags but never element values, which may be PHI.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PixelSpan:
+    """Byte span of the (Float/Double Float) Pixel Data element in the source, header included."""
+
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class SourceFile:
+    """A parsed source file: the header as pydicom datasets, the pixel data as a byte span."""
+
+    path: Path
+    file_meta: FileMetaDataset
+    dataset: Dataset
+    trailing: Dataset | None
+    transfer_syntax: UID
+    pixels: PixelSpan | None
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFile:
+    """What :func:`write_file` put on disk; ``header``/``trailer`` are exactly the bytes written."""
+
+    path: Path
+    header: bytes
+    trailer: bytes
+    size: int
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class _Walker:
+    """Walks element and item headers with seeks, so values are skipped rather than read."""
+
+    def __init__(self, fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+        order = "<" if little else ">"
+        self.fp, self.size, self.implicit, self.little = fp, size, implicit, little
+        self._unpack8 = struct.Struct(order + "HHL").unpack  # implicit elements and all items
+        self._unpack_vr = struct.Struct(order + "HH2sH").unpack
+        self._unpack32 = struct.Struct(order + "L").unpack
+        self._item_group = b"\xfe\xff" if little else b"\xff\xfe"  # (FFFE,eeee): no VR
+        self._un_walker: _Walker | None = None
+
+    def _read(self, pos: int, n: int) -> bytes:
+        self.fp.seek(pos)
+        data = self.fp.read(n)
+        if len(data) < n:
+            raise MalformedDicom("truncated header", f"element header at offset {pos} is cut off")
+        return data
+
+    def header(
+        self, pos: int, stop: Callable[[int], bool] | None = None
+    ) -> tuple[int, bytes, int, int]:
+        """Return ``(tag, VR or b"", header length, value length)`` of the element at `pos`.
+
+        If `stop` accepts the tag, return ``(tag, b"", 0, 0)`` without reading any further.
+        """
+        data = self._read(pos, 8)
+        if self.implicit or data[:2] == self._item_group:
+            group, element, length = self._unpack8(data)
+            vr = b""
+        else:
+            group, element, vr, length = self._unpack_vr(data)
+        tag = group << 16 | element
+        if stop is not None and stop(tag):
+            return tag, b"", 0, 0
+        if vr in _LONG_VR:
+            return tag, vr, 12, self._unpack32(self._read(pos + 8, 4))[0]
+        return tag, vr, 8, length
+
+    def dataset(self, pos: int, end: int | None, stop: Callable[[int], bool] | None = None) -> int:
+        """Walk elements up to `end` (``None``: up to and past an item delimiter).
+
+        Returns the offset reached, or that of the first element whose tag satisfies `stop`.
+        """
+        limit = self.size if end is None else end
+        while end is None or pos < end:
+            tag, vr, header_length, length = self.header(pos, stop)
+            if header_length == 0:  # `stop` accepted the tag
+                return pos
+            if tag >> 16 == 0xFFFE:
+                if tag == _ITEM_END and end is None:
+                    return pos + 8
+                raise MalformedDicom("bad sequence item", f"{_tag(tag)} at offset {pos}")
+            if not self.implicit and vr not in _VALID_VR:
+                raise MalformedDicom("bad VR", f"element {_tag(tag)} at offset {pos}")
+            pos += header_length
+            if length == _UNDEFINED:
+                # PS3.5 6.2.2: an undefined-length UN holds a sequence in Implicit VR LE; an
+                # undefined-length OB/OW (an icon's pixel data) holds fragments, not datasets.
+                walker = self._un() if vr == b"UN" else self
+                fragments = vr in (b"OB", b"OW") or tag in _PIXEL_TAGS
+                pos = walker.items(pos, None, datasets=not fragments)
+                continue
+            if pos + length > limit:
+                raise MalformedDicom("truncated header", f"element {_tag(tag)} at offset {pos}")
+            if vr == b"SQ":
+                self.items(pos, pos + length, datasets=True)
+            pos += length
+        return pos
+
+    def items(self, pos: int, end: int | None, datasets: bool) -> int:
+        """Walk items up to `end` (``None``: up to and past the sequence delimiter).
+
+        Items hold `datasets` (walked too) or, in encapsulated pixel data, opaque fragments.
+        """
+        limit = self.size if end is None else end
+        while end is None or pos < end:
+            tag, _, _, length = self.header(pos)
+            pos += 8
+            if tag == _SEQUENCE_END and end is None:
+                return pos
+            if tag != _ITEM:
+                raise MalformedDicom("bad sequence item", f"{_tag(tag)} at offset {pos - 8}")
+            if length == _UNDEFINED and datasets:
+                pos = self.dataset(pos, None)
+            elif length == _UNDEFINED:
+                raise MalformedDicom("bad sequence item", f"undefined length at offset {pos - 8}")
+            elif pos + length > limit:
+                raise MalformedDicom("truncated header", f"item at offset {pos - 8}")
+            else:
+                if datasets:
+                    self.dataset(pos, pos + length)
+                pos += length
+        return pos
+
+    def _un(self) -> _Walker:
+        if self._un_walker is None:
+            self._un_walker = _Walker(self.fp, self.size, implicit=True, little=True)
+        return self._un_walker
+
+
+def _encoding(transfer_syntax: UID) -> tuple[bool, bool]:
+    """Return ``(implicit VR, little endian)`` of the dataset, or raise for an unknown syntax."""
+    if transfer_syntax in PrivateTransferSyntaxes:  # registered ones carry their encoding
+        transfer_syntax = PrivateTransferSyntaxes[PrivateTransferSyntaxes.index(transfer_syntax)]
+    if not transfer_syntax.is_transfer_syntax:
+        shown = str(transfer_syntax) if transfer_syntax.is_valid else "an invalid UID"
+        raise MalformedDicom("unsupported transfer syntax", f"{shown} is not a known syntax")
+    return transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+
+
+def _not_dicom(start: bytes) -> MalformedDicom:
+    """Tell a raw dataset without file meta (quarantined as such) from a file that isn't DICOM."""
+    looks_like_element = start[4:6] in _VALID_VR or int.from_bytes(start[4:8], "little") < 1 << 16
+    if len(start) >= 8 and start[1] == 0 and start[0] in (0x02, 0x08) and looks_like_element:
+        return MalformedDicom("no file meta", "a dataset without preamble and DICM prefix")
+    return MalformedDicom("not DICOM (no DICM prefix)")
+
+
+def _parse(data: bytes, implicit: bool, little: bool) -> Dataset:
+    """Parse already-walked bytes, so pydicom's leniency cannot hide anything."""
+    return read_dataset(BytesIO(data), implicit, little) if data else Dataset()
+
+
+def read_source(path: Path) -> SourceFile:
+    """Parse the meta and the header of `path` and locate its pixel data without reading it.
+
+    Parameters
+    ----------
+    path : Path
+        A DICOM Part 10 file.
+
+    Returns
+    -------
+    SourceFile
+        Datasets before and after the pixel data, and the pixel element's byte span. A deflated
+        dataset is inflated in memory and returned whole, with ``pixels=None``.
+
+    Raises
+    ------
+    MalformedDicom
+        For an empty, non-DICOM, truncated or structurally invalid file (see ``reason``).
+    OSError
+        If the file cannot be read.
+    """
+    with open(path, "rb") as fp:
+        size = os.fstat(fp.fileno()).st_size
+        if size == 0:
+            raise MalformedDicom("empty file")
+        start = fp.read(140)
+        if start[128:132] != b"DICM":
+            raise _not_dicom(start)
+        meta_walker = _Walker(fp, size, implicit=False, little=True)
+        meta_end = meta_walker.dataset(132, size, stop=lambda tag: tag >> 16 != 0x0002)
+        if meta_end == 132:
+            raise MalformedDicom("no file meta", "no (0002,eeee) elements after the DICM prefix")
+        fp.seek(132)
+        file_meta = FileMetaDataset(_parse(fp.read(meta_end - 132), False, True))
+        if "TransferSyntaxUID" not in file_meta or not file_meta.TransferSyntaxUID:
+            raise MalformedDicom("no transfer syntax", "(0002,0010) is missing or empty")
+        transfer_syntax = UID(file_meta.TransferSyntaxUID)
+        implicit, little = _encoding(transfer_syntax)
+
+        if transfer_syntax in _DEFLATED:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            try:
+                data = inflater.decompress(fp.read())
+            except zlib.error as exc:
+                raise MalformedDicom("bad deflate stream", str(exc)) from None
+            if not inflater.eof:
+                raise MalformedDicom("truncated header", "the deflated dataset ends early")
+            _Walker(BytesIO(data), len(data), implicit, little).dataset(0, len(data))
+            dataset = _parse(data, implicit, little)
+            return SourceFile(path, file_meta, dataset, None, transfer_syntax, None, size)
+
+        walker = _Walker(fp, size, implicit, little)
+        pixel_start = walker.dataset(meta_end, size, stop=_PIXEL_TAGS.__contains__)
+        pixels = None
+        trailing = None
+        if pixel_start < size:
+            try:
+                _, _, header_length, length = walker.header(pixel_start)
+                value_start = pixel_start + header_length
+                pixel_end = value_start + length
+                if length == _UNDEFINED:  # encapsulated: skip item by item to the delimiter
+                    pixel_end = walker.items(value_start, None, datasets=False)
+            except MalformedDicom as exc:
+                if exc.reason != "truncated header":
+                    raise
+                raise MalformedDicom("truncated pixel data", str(exc)) from None
+            if pixel_end > size:
+                raise MalformedDicom("truncated pixel data", f"ends {pixel_end - size} bytes late")
+            pixels = PixelSpan(pixel_start, pixel_end)
+            if pixel_end < size:
+                walker.dataset(pixel_end, size)
+                fp.seek(pixel_end)
+                trailing = _parse(fp.read(size - pixel_end), implicit, little)
+        fp.seek(meta_end)
+        dataset = _parse(fp.read(pixel_start - meta_end), implicit, little)
+    return SourceFile(path, file_meta, dataset, trailing, transfer_syntax, pixels, size)
+
+
+def encode_dataset(dataset: Dataset, transfer_syntax: UID) -> bytes:
+    """Encode `dataset` (no preamble or meta) as `transfer_syntax` says; never deflates.
+
+    Elements still raw from :func:`read_source` are copied as read when the encoding matches.
+    """
+    implicit, little = _encoding(transfer_syntax)
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    write_dataset(fp, dataset)
+    return fp.getvalue()
+
+
+def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
+    """Return the preamble, ``DICM`` and the meta group with a recomputed group length.
+
+    Works on a copy: pydicom fills in the group length and missing Type 1 elements in place.
+
+    Raises
+    ------
+    ValueError
+        If a required meta element (e.g. Media Storage SOP Instance UID) is missing.
+    """
+    meta = FileMetaDataset()
+    for element in file_meta:
+        if element.tag != 0x00020000:
+            meta.add(element)
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = False, True
+    fp.write(_PREFIX)
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue()
+
+
+def build_header(file_meta: FileMetaDataset, dataset: Dataset, source: SourceFile) -> bytes:
+    """Return every byte to write before the source's pixel data (all of it, when deflated).
+
+    Raises
+    ------
+    ValueError
+        If the meta changes the transfer syntax (the pixels are copied, so it cannot change) or
+        `dataset` holds elements that belong at or after the pixel data.
+    """
+    if UID(file_meta.get("TransferSyntaxUID", "")) != source.transfer_syntax:
+        raise ValueError("file_meta: TransferSyntaxUID must equal source.transfer_syntax")
+    if source.pixels is not None and max(dataset.keys(), default=0) >= _FIRST_PIXEL_TAG:
+        raise ValueError("dataset: elements from (7FE0,0008) on belong in the pixel span/trailer")
+    body = encode_dataset(dataset, source.transfer_syntax)
+    if source.transfer_syntax in _DEFLATED:
+        deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        body = deflater.compress(body) + deflater.flush()
+        body += b"\x00" * (len(body) % 2)  # PS3.5 A.5: pad to even length
+    return encode_file_meta(file_meta) + body
+
+
+def build_trailer(trailing: Dataset | None, source: SourceFile) -> bytes:
+    """Return the bytes to write after the pixel data (usually ``b""``).
+
+    Raises
+    ------
+    ValueError
+        If there is no pixel span to follow, or `trailing` holds tags not after the pixel data.
+    """
+    if trailing is None or len(trailing) == 0:
+        return b""
+    if source.pixels is None:
+        raise ValueError("trailing: source has no pixel span; put these elements in dataset")
+    if min(trailing.keys()) <= _LAST_PIXEL_TAG:
+        raise ValueError("trailing: only elements after (7FE0,0010) may follow the pixel data")
+    return encode_dataset(trailing, source.transfer_syntax)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Copy `count` bytes of `src` at `offset` to `dst`, in the kernel when possible."""
+    in_kernel = hasattr(os, "copy_file_range")
+    while count > 0:
+        if in_kernel:
+            try:
+                done = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+            except OSError as exc:  # e.g. older kernels across filesystems, or unsupported fs
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                in_kernel = False
+                continue
+        else:
+            chunk = os.pread(src, min(count, _CHUNK), offset)
+            _write_all(dst, chunk)
+            done = len(chunk)
+        if done == 0:
+            raise MalformedDicom("truncated pixel data", "source file shrank while copying")
+        offset += done
+        count -= done
+
+
+def write_file(dest: Path, header: bytes, source: SourceFile, trailer: bytes = b"") -> WrittenFile:
+    """Write `header`, the source's pixel span and `trailer` to `dest`, atomically.
+
+    The bytes go to a hidden temporary name in the destination folder, are fsynced, then renamed
+    over `dest`, so readers never see a partial file; the temporary file is removed on error.
+
+    Parameters
+    ----------
+    dest : Path
+        Final path; parent folders are created.
+    header, trailer : bytes
+        From :func:`build_header` and :func:`build_trailer`, already checked by the caller.
+    source : SourceFile
+        The file the pixel span is copied from, unchanged (element header included).
+
+    Returns
+    -------
+    WrittenFile
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    pixels = source.pixels
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        try:
+            _write_all(fd, header)
+            if pixels is not None:
+                with open(source.path, "rb") as src:
+                    _copy_range(src.fileno(), fd, pixels.start, pixels.end - pixels.start)
+            _write_all(fd, trailer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    span = 0 if pixels is None else pixels.end - pixels.start
+    return WrittenFile(dest, header, trailer, len(header) + span + len(trailer))
