@@ -334,7 +334,7 @@ def test_private_block_and_nested_sequences(manifest: Manifest) -> None:
     assert request.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID in manifest.planted
     assert request.ReferencedStudySequence[0].ReferencedSOPInstanceUID == ds.StudyInstanceUID
     assert ds.ReferencedStudySequence[0].ReferencedSOPInstanceUID in manifest.planted_uids
-    assert ds.ProcedureCodeSequence[0].CodeValue in manifest.planted
+    assert any(name in ds.ProcedureCodeSequence[0].CodeMeaning for name in manifest.planted)
 
 
 def test_references_resolve(manifest: Manifest) -> None:

@@ -33,7 +33,7 @@ from anonpipe.anon.dicomfile import (
 )
 from anonpipe.anon.identity import IdentityStore
 from anonpipe.anon.quarantine import QuarantineRule, quarantine_reason
-from anonpipe.anon.residual import collect_identifiers, compile_needles, locate, search
+from anonpipe.anon.residual import collect_identifiers, locate, prepare_needles
 
 #: Our implementation class UID (2.25 form of a fixed UUID) and version name in the file meta.
 IMPLEMENTATION_CLASS_UID = UID("2.25.171543157155476391217385312826063117617")
@@ -130,8 +130,7 @@ def _clean_and_write(
     needles = collect_identifiers(inputs, cleaner.kept.__contains__)
     # the meta's UIDs mirror the data set's (or name the sender's software): judged there
     needles |= collect_identifiers([parsed.file_meta], lambda tag: tag in _META_UIDS)
-    pattern = compile_needles(needles, ("utf-8", "latin-1"))
-    hit = search(pattern, (header, trailer))
+    hit = prepare_needles(needles, ("utf-8", "latin-1")).find((header, trailer))
     if hit is not None:
         where = locate(cleaned, hit) or (locate(trailing, hit) if trailing else None)
         detail = f"at {where or 'an element boundary'}"

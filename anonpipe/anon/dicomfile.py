@@ -23,25 +23,13 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, PrivateTransferSyntaxes
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
-
-__all__ = [
-    "MalformedDicom",
-    "PixelSpan",
-    "SourceFile",
-    "WrittenFile",
-    "build_header",
-    "build_trailer",
-    "encode_dataset",
-    "encode_file_meta",
-    "read_source",
-    "write_file",
-]
 
 _PREFIX = bytes(128) + b"DICM"
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -56,6 +44,9 @@ _DEFLATED = frozenset(
     {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
 )
 _CHUNK = 1 << 20
+# Everything except the pixel span is held in memory; beyond this the file is refused rather than
+# risking the worker (an encapsulated document this large, or a deflate bomb).
+_MAX_HEADER_BYTES = 128 << 20
 
 
 class MalformedDicom(Exception):
@@ -161,6 +152,8 @@ class _Walker:
             if not self.implicit and vr not in _VALID_VR:
                 raise MalformedDicom("bad VR", f"element {_tag(tag)} at offset {pos}")
             pos += header_length
+            if self.implicit and DicomDictionary.get(tag, ("",))[0] == "SQ":
+                vr = b"SQ"
             if length == _UNDEFINED:
                 # PS3.5 6.2.2: an undefined-length UN holds a sequence in Implicit VR LE; an
                 # undefined-length OB/OW (an icon's pixel data) holds fragments, not datasets.
@@ -226,7 +219,53 @@ def _not_dicom(start: bytes) -> MalformedDicom:
 
 def _parse(data: bytes, implicit: bool, little: bool) -> Dataset:
     """Parse already-walked bytes, so pydicom's leniency cannot hide anything."""
+    if len(data) > _MAX_HEADER_BYTES:
+        raise MalformedDicom("header too large", f"{len(data)} bytes outside the pixel data")
     return read_dataset(BytesIO(data), implicit, little) if data else Dataset()
+
+
+def _read_meta(fp: BinaryIO, size: int) -> tuple[FileMetaDataset, int]:
+    """Return the file meta and the offset just past it."""
+    start = fp.read(140)
+    if start[128:132] != b"DICM":
+        raise _not_dicom(start)
+    meta_end = _Walker(fp, size, False, True).dataset(132, size, stop=lambda tag: tag >> 16 != 2)
+    if meta_end == 132:
+        raise MalformedDicom("no file meta", "no (0002,eeee) elements after the DICM prefix")
+    fp.seek(132)
+    file_meta = FileMetaDataset(_parse(fp.read(meta_end - 132), False, True))
+    if not file_meta.get("TransferSyntaxUID"):
+        raise MalformedDicom("no transfer syntax", "(0002,0010) is missing or empty")
+    return file_meta, meta_end
+
+
+def _inflate(fp: BinaryIO) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(fp.read(_MAX_HEADER_BYTES), _MAX_HEADER_BYTES + 1)
+    except zlib.error as exc:
+        raise MalformedDicom("bad deflate stream", str(exc)) from None
+    if len(data) > _MAX_HEADER_BYTES or (not inflater.eof and fp.read(1)):
+        raise MalformedDicom("header too large", "the deflated dataset is too large")
+    if not inflater.eof:
+        raise MalformedDicom("truncated header", "the deflated dataset ends early")
+    return data
+
+
+def _pixel_end(walker: _Walker, pos: int) -> int:
+    """Return the offset just past the pixel element at `pos`, skipping any fragments."""
+    try:
+        _, _, header_length, length = walker.header(pos)
+        if length == _UNDEFINED:  # encapsulated: item by item up to the sequence delimiter
+            return walker.items(pos + header_length, None, datasets=False)
+    except MalformedDicom as exc:
+        if exc.reason != "truncated header":
+            raise
+        raise MalformedDicom("truncated pixel data", str(exc)) from None
+    end = pos + header_length + length
+    if end > walker.size:
+        raise MalformedDicom("truncated pixel data", f"ends {end - walker.size} bytes late")
+    return end
 
 
 def read_source(path: Path) -> SourceFile:
@@ -250,61 +289,37 @@ def read_source(path: Path) -> SourceFile:
     OSError
         If the file cannot be read.
     """
-    with open(path, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if size == 0:
-            raise MalformedDicom("empty file")
-        start = fp.read(140)
-        if start[128:132] != b"DICM":
-            raise _not_dicom(start)
-        meta_walker = _Walker(fp, size, implicit=False, little=True)
-        meta_end = meta_walker.dataset(132, size, stop=lambda tag: tag >> 16 != 0x0002)
-        if meta_end == 132:
-            raise MalformedDicom("no file meta", "no (0002,eeee) elements after the DICM prefix")
-        fp.seek(132)
-        file_meta = FileMetaDataset(_parse(fp.read(meta_end - 132), False, True))
-        if "TransferSyntaxUID" not in file_meta or not file_meta.TransferSyntaxUID:
-            raise MalformedDicom("no transfer syntax", "(0002,0010) is missing or empty")
-        transfer_syntax = UID(file_meta.TransferSyntaxUID)
-        implicit, little = _encoding(transfer_syntax)
+    try:
+        with open(path, "rb") as fp:
+            return _read_source(path, fp)
+    except RecursionError:
+        raise MalformedDicom("bad sequence item", "sequences nested too deeply") from None
 
-        if transfer_syntax in _DEFLATED:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            try:
-                data = inflater.decompress(fp.read())
-            except zlib.error as exc:
-                raise MalformedDicom("bad deflate stream", str(exc)) from None
-            if not inflater.eof:
-                raise MalformedDicom("truncated header", "the deflated dataset ends early")
-            _Walker(BytesIO(data), len(data), implicit, little).dataset(0, len(data))
-            dataset = _parse(data, implicit, little)
-            return SourceFile(path, file_meta, dataset, None, transfer_syntax, None, size)
 
-        walker = _Walker(fp, size, implicit, little)
-        pixel_start = walker.dataset(meta_end, size, stop=_PIXEL_TAGS.__contains__)
-        pixels = None
-        trailing = None
-        if pixel_start < size:
-            try:
-                _, _, header_length, length = walker.header(pixel_start)
-                value_start = pixel_start + header_length
-                pixel_end = value_start + length
-                if length == _UNDEFINED:  # encapsulated: skip item by item to the delimiter
-                    pixel_end = walker.items(value_start, None, datasets=False)
-            except MalformedDicom as exc:
-                if exc.reason != "truncated header":
-                    raise
-                raise MalformedDicom("truncated pixel data", str(exc)) from None
-            if pixel_end > size:
-                raise MalformedDicom("truncated pixel data", f"ends {pixel_end - size} bytes late")
-            pixels = PixelSpan(pixel_start, pixel_end)
-            if pixel_end < size:
-                walker.dataset(pixel_end, size)
-                fp.seek(pixel_end)
-                trailing = _parse(fp.read(size - pixel_end), implicit, little)
-        fp.seek(meta_end)
-        dataset = _parse(fp.read(pixel_start - meta_end), implicit, little)
-    return SourceFile(path, file_meta, dataset, trailing, transfer_syntax, pixels, size)
+def _read_source(path: Path, fp: BinaryIO) -> SourceFile:
+    size = os.fstat(fp.fileno()).st_size
+    if size == 0:
+        raise MalformedDicom("empty file")
+    file_meta, meta_end = _read_meta(fp, size)
+    syntax = UID(file_meta.TransferSyntaxUID)
+    implicit, little = _encoding(syntax)
+    if syntax in _DEFLATED:
+        data = _inflate(fp)
+        _Walker(BytesIO(data), len(data), implicit, little).dataset(0, len(data))
+        return SourceFile(path, file_meta, _parse(data, implicit, little), None, syntax, None, size)
+
+    walker = _Walker(fp, size, implicit, little)
+    pixel_start = walker.dataset(meta_end, size, stop=_PIXEL_TAGS.__contains__)
+    pixels = trailing = None
+    if pixel_start < size:
+        pixels = PixelSpan(pixel_start, _pixel_end(walker, pixel_start))
+        if pixels.end < size:
+            walker.dataset(pixels.end, size)
+            fp.seek(pixels.end)
+            trailing = _parse(fp.read(size - pixels.end), implicit, little)
+    fp.seek(meta_end)
+    dataset = _parse(fp.read(pixel_start - meta_end), implicit, little)
+    return SourceFile(path, file_meta, dataset, trailing, syntax, pixels, size)
 
 
 def encode_dataset(dataset: Dataset, transfer_syntax: UID) -> bytes:
@@ -401,7 +416,7 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
             _write_all(dst, chunk)
             done = len(chunk)
         if done == 0:
-            raise MalformedDicom("truncated pixel data", "source file shrank while copying")
+            raise MalformedDicom("source changed", "it shrank while its pixels were copied")
         offset += done
         count -= done
 
@@ -424,10 +439,17 @@ def write_file(dest: Path, header: bytes, source: SourceFile, trailer: bytes = b
     Returns
     -------
     WrittenFile
+
+    Raises
+    ------
+    MalformedDicom
+        With reason "source changed" if the source's size is not what :func:`read_source` saw.
+    OSError
+        If writing fails; `dest` is then left as it was.
     """
+    pixels = source.pixels
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    pixels = source.pixels
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(tmp, flags, 0o644)
     try:
@@ -435,6 +457,8 @@ def write_file(dest: Path, header: bytes, source: SourceFile, trailer: bytes = b
             _write_all(fd, header)
             if pixels is not None:
                 with open(source.path, "rb") as src:
+                    if os.fstat(src.fileno()).st_size != source.size:
+                        raise MalformedDicom("source changed", "its size differs from when read")
                     _copy_range(src.fileno(), fd, pixels.start, pixels.end - pixels.start)
             _write_all(fd, trailer)
             os.fsync(fd)

@@ -138,38 +138,58 @@ def _walk(dataset: Dataset) -> Iterator[DataElement]:
             yield element
 
 
-def compile_needles(
-    needles: Iterable[str], encodings: Iterable[str] = ("utf-8",)
-) -> re.Pattern[bytes] | None:
-    """One case-insensitive pattern for all needles; None when there is nothing to look for.
+@dataclass(frozen=True, slots=True)
+class Needles:
+    """Identifying values prepared for a case-insensitive byte search.
 
     A needle of digits and dots (an ID, a date, a UID) only matches when no digit or dot
-    touches it, so a short numeric ID is not "found" inside a new 39-digit UID.
+    touches it, so a short numeric ID is not "found" inside a new 39-digit UID. Plain substring
+    tests, not one big regular expression: compiling a pattern per file costs more than the search.
     """
-    alternatives: set[bytes] = set()
+
+    text: tuple[bytes, ...]
+    numeric: tuple[bytes, ...]
+
+    def find(self, blobs: Iterable[bytes]) -> str | None:
+        """The first needle found in any blob (decoded as latin-1), or None."""
+        for blob in blobs:
+            lowered = blob.lower()
+            for needle in self.text:
+                if needle in lowered:
+                    return needle.decode("latin-1")
+            for needle in self.numeric:
+                if _bounded(lowered, needle):
+                    return needle.decode("latin-1")
+        return None
+
+
+def _bounded(haystack: bytes, needle: bytes) -> bool:
+    at = haystack.find(needle)
+    while at >= 0:
+        before = haystack[at - 1 : at] if at else b""
+        after = haystack[at + len(needle) : at + len(needle) + 1]
+        if not (before.isdigit() or before == b".") and not (after.isdigit() or after == b"."):
+            return True
+        at = haystack.find(needle, at + 1)
+    return False
+
+
+def prepare_needles(needles: Iterable[str], encodings: Iterable[str] = ("utf-8",)) -> Needles:
+    """Encode each needle in each encoding, lower-cased, longest first (better audit paths)."""
+    text: set[bytes] = set()
+    numeric: set[bytes] = set()
     for needle in needles:
         for encoding in encodings:
             try:
-                raw = re.escape(needle.encode(encoding))
+                raw = needle.lower().encode(encoding)
             except UnicodeEncodeError:
                 continue
-            numeric = all(c.isdigit() or c == "." for c in needle)
-            alternatives.add(rb"(?<![0-9.])" + raw + rb"(?![0-9.])" if numeric else raw)
-    if not alternatives:
-        return None
-    ordered = sorted(alternatives, key=lambda a: (-len(a), a))  # longest first: better paths
-    return re.compile(b"|".join(ordered), re.IGNORECASE)
+            (numeric if all(c.isdigit() or c == "." for c in needle) else text).add(raw)
 
+    def order(items: set[bytes]) -> tuple[bytes, ...]:
+        return tuple(sorted(items, key=lambda n: (-len(n), n)))
 
-def search(pattern: re.Pattern[bytes] | None, blobs: Iterable[bytes]) -> str | None:
-    """The first needle `pattern` finds in any blob (decoded as latin-1), or None."""
-    if pattern is None:
-        return None
-    for blob in blobs:
-        found = pattern.search(blob)
-        if found:
-            return found.group().decode("latin-1")
-    return None
+    return Needles(order(text), order(numeric))
 
 
 def locate(dataset: Dataset, needle: str, prefix: str = "") -> str | None:

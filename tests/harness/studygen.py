@@ -622,7 +622,8 @@ def _make_study(tok: _Tokens, patient: _Patient, modalities: Sequence[str]) -> _
         requested_procedure_id=tok.ident("PHIRPID"),
         scheduled_step_id=tok.ident("PHISPS"),
         accession_issuer=tok.ident("PHIACCISS"),
-        procedure_code=tok.ident("PHIPC"),
+        # a local procedure code names a procedure, not a patient: not planted
+        procedure_code=f"PC{rng.randrange(10**6):06d}",
         source_aet=tok.ident("PHIAE", 6),
         prior_study_uid=tok.uid(),
         mpps_uid=tok.uid(),
