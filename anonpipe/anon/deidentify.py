@@ -24,10 +24,12 @@ from pydicom.uid import UID
 from anonpipe import __version__
 from anonpipe.anon.clean import Cleaner, Recipe
 from anonpipe.anon.dicomfile import (
+    DEFLATED_SYNTAXES,
     MalformedDicom,
     SourceFile,
     build_header,
     build_trailer,
+    encode_dataset,
     read_source,
     write_file,
 )
@@ -74,11 +76,13 @@ def deidentify_file(
     recipe: Recipe,
     rules: tuple[QuarantineRule, ...],
     store: IdentityStore,
+    durable: bool = True,
 ) -> Outcome:
     """De-identify `source` into ``clean_dir/<study>/<series>/<instance>.dcm`` or quarantine it.
 
-    Never raises for a bad input file; only an I/O failure while quarantining gives an
-    ``error`` outcome (the input is still where it was).
+    Never raises for a bad input file; an I/O failure (disk full, quarantine not writable) gives
+    an ``error`` outcome and leaves the input where it was. ``durable=False`` skips the per-file
+    fsync: the caller then syncs once before it reports the batch done.
     """
     try:
         parsed = read_source(source)
@@ -91,7 +95,9 @@ def deidentify_file(
     if reason is not None:
         return quarantine(source, quarantine_dir, reason, None, original_study)
     try:
-        return _clean_and_write(parsed, clean_dir, quarantine_dir, recipe, store, original_study)
+        return _clean_and_write(
+            parsed, clean_dir, quarantine_dir, recipe, store, original_study, durable
+        )
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         # pydicom raises these for values it cannot convert or encode; the type says enough
         return quarantine(
@@ -106,6 +112,7 @@ def _clean_and_write(
     recipe: Recipe,
     store: IdentityStore,
     original_study: str | None,
+    durable: bool,
 ) -> Outcome:
     ds = parsed.dataset
     patient_key = str(ds.get("PatientID", "") or "").strip()
@@ -130,7 +137,10 @@ def _clean_and_write(
     needles = collect_identifiers(inputs, cleaner.kept.__contains__)
     # the meta's UIDs mirror the data set's (or name the sender's software): judged there
     needles |= collect_identifiers([parsed.file_meta], lambda tag: tag in _META_UIDS)
-    hit = prepare_needles(needles, ("utf-8", "latin-1")).find((header, trailer))
+    # a deflated header is compressed: search the same data set uncompressed instead
+    deflated = parsed.transfer_syntax in DEFLATED_SYNTAXES
+    searched = encode_dataset(cleaned, parsed.transfer_syntax) if deflated else header
+    hit = prepare_needles(needles, ("utf-8", "latin-1")).find((searched, trailer))
     if hit is not None:
         where = locate(cleaned, hit) or (locate(trailing, hit) if trailing else None)
         detail = f"at {where or 'an element boundary'}"
@@ -140,7 +150,12 @@ def _clean_and_write(
         str(cleaned[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
     )
     dest = clean_dir / study / series / f"{sop}.dcm"
-    write_file(dest, header, parsed, trailer)
+    try:
+        write_file(dest, header, parsed, trailer, fsync=durable)
+    except MalformedDicom as exc:  # the source changed under us
+        return quarantine(parsed.path, quarantine_dir, exc.reason, str(exc), original_study)
+    except OSError as exc:  # disk full, permissions: the input is untouched, report it
+        return Outcome(parsed.path, "error", reason="cannot write output", detail=exc.strerror)
     return Outcome(
         parsed.path,
         "clean",

@@ -1,18 +1,18 @@
 """Read a DICOM header without the pixel data; write a new header in front of the same pixels.
 
-The engine only rewrites the header, so pixel data is never decoded or even read into memory: the
-reader walks the element headers with seeks to find the byte span of the Pixel Data element, and
-the writer copies that span from the source file in the kernel (``os.copy_file_range``). Every
-transfer syntax passes through unchanged; a deflated dataset is the one exception that has to be
-inflated, re-encoded and deflated again as a whole.
-
-The walk is also the strictness check: pydicom reads truncated values and unknown VRs leniently,
-so anything the walk cannot account for byte by byte raises :class:`MalformedDicom`.
+The engine only rewrites headers, so pixel data is never decoded nor read into memory: the reader
+walks element headers with seeks to find the Pixel Data element's byte span, and the writer copies
+that span in the kernel. Every transfer syntax passes through unchanged; only a deflated dataset
+is inflated, re-encoded and deflated whole. The walk is also the strictness check: pydicom reads
+truncated values and unknown VRs leniently, so anything the walk cannot account for byte by byte
+raises :class:`MalformedDicom`.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
+import functools
 import os
 import secrets
 import struct
@@ -23,7 +23,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.datadict import DicomDictionary
+from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -40,7 +40,7 @@ _UNDEFINED = 0xFFFFFFFF
 _VALID_VR = frozenset(vr.value.encode() for vr in STANDARD_VR)
 _LONG_VR = frozenset(vr.value.encode() for vr in EXPLICIT_VR_LENGTH_32)
 # Deflated Explicit VR LE, JPIP Referenced Deflate, JPIP HTJ2K Referenced Deflate (PS3.5 A.5).
-_DEFLATED = frozenset(
+DEFLATED_SYNTAXES = frozenset(
     {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
 )
 _CHUNK = 1 << 20
@@ -92,6 +92,12 @@ class WrittenFile:
     size: int
 
 
+@functools.cache
+def _sequence_tags() -> frozenset[int]:
+    """Public tags whose dictionary VR is SQ: what pydicom assumes when the VR is implicit."""
+    return frozenset(tag for tag in keyword_dict.values() if dictionary_VR(tag) == "SQ")
+
+
 def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
@@ -101,12 +107,11 @@ class _Walker:
 
     def __init__(self, fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
         order = "<" if little else ">"
-        self.fp, self.size, self.implicit, self.little = fp, size, implicit, little
+        self.fp, self.size, self.implicit = fp, size, implicit
         self._unpack8 = struct.Struct(order + "HHL").unpack  # implicit elements and all items
         self._unpack_vr = struct.Struct(order + "HH2sH").unpack
         self._unpack32 = struct.Struct(order + "L").unpack
         self._item_group = b"\xfe\xff" if little else b"\xff\xfe"  # (FFFE,eeee): no VR
-        self._un_walker: _Walker | None = None
 
     def _read(self, pos: int, n: int) -> bytes:
         self.fp.seek(pos)
@@ -152,12 +157,12 @@ class _Walker:
             if not self.implicit and vr not in _VALID_VR:
                 raise MalformedDicom("bad VR", f"element {_tag(tag)} at offset {pos}")
             pos += header_length
-            if self.implicit and DicomDictionary.get(tag, ("",))[0] == "SQ":
+            if self.implicit and tag in _sequence_tags():
                 vr = b"SQ"
             if length == _UNDEFINED:
                 # PS3.5 6.2.2: an undefined-length UN holds a sequence in Implicit VR LE; an
                 # undefined-length OB/OW (an icon's pixel data) holds fragments, not datasets.
-                walker = self._un() if vr == b"UN" else self
+                walker = _Walker(self.fp, self.size, True, True) if vr == b"UN" else self
                 fragments = vr in (b"OB", b"OW") or tag in _PIXEL_TAGS
                 pos = walker.items(pos, None, datasets=not fragments)
                 continue
@@ -193,11 +198,6 @@ class _Walker:
                 pos += length
         return pos
 
-    def _un(self) -> _Walker:
-        if self._un_walker is None:
-            self._un_walker = _Walker(self.fp, self.size, implicit=True, little=True)
-        return self._un_walker
-
 
 def _encoding(transfer_syntax: UID) -> tuple[bool, bool]:
     """Return ``(implicit VR, little endian)`` of the dataset, or raise for an unknown syntax."""
@@ -217,11 +217,12 @@ def _not_dicom(start: bytes) -> MalformedDicom:
     return MalformedDicom("not DICOM (no DICM prefix)")
 
 
-def _parse(data: bytes, implicit: bool, little: bool) -> Dataset:
-    """Parse already-walked bytes, so pydicom's leniency cannot hide anything."""
-    if len(data) > _MAX_HEADER_BYTES:
-        raise MalformedDicom("header too large", f"{len(data)} bytes outside the pixel data")
-    return read_dataset(BytesIO(data), implicit, little) if data else Dataset()
+def _parse(fp: BinaryIO, start: int, end: int, implicit: bool, little: bool) -> Dataset:
+    """Parse bytes the walk has accounted for, so pydicom's leniency cannot hide anything."""
+    if end - start > _MAX_HEADER_BYTES:
+        raise MalformedDicom("header too large", f"{end - start} bytes outside the pixel data")
+    fp.seek(start)
+    return read_dataset(BytesIO(fp.read(end - start)), implicit, little)
 
 
 def _read_meta(fp: BinaryIO, size: int) -> tuple[FileMetaDataset, int]:
@@ -232,8 +233,7 @@ def _read_meta(fp: BinaryIO, size: int) -> tuple[FileMetaDataset, int]:
     meta_end = _Walker(fp, size, False, True).dataset(132, size, stop=lambda tag: tag >> 16 != 2)
     if meta_end == 132:
         raise MalformedDicom("no file meta", "no (0002,eeee) elements after the DICM prefix")
-    fp.seek(132)
-    file_meta = FileMetaDataset(_parse(fp.read(meta_end - 132), False, True))
+    file_meta = FileMetaDataset(_parse(fp, 132, meta_end, False, True))
     if not file_meta.get("TransferSyntaxUID"):
         raise MalformedDicom("no transfer syntax", "(0002,0010) is missing or empty")
     return file_meta, meta_end
@@ -255,7 +255,9 @@ def _inflate(fp: BinaryIO) -> bytes:
 def _pixel_end(walker: _Walker, pos: int) -> int:
     """Return the offset just past the pixel element at `pos`, skipping any fragments."""
     try:
-        _, _, header_length, length = walker.header(pos)
+        _, vr, header_length, length = walker.header(pos)
+        if not walker.implicit and vr not in _VALID_VR:
+            raise MalformedDicom("bad VR", f"pixel data element at offset {pos}")
         if length == _UNDEFINED:  # encapsulated: item by item up to the sequence delimiter
             return walker.items(pos + header_length, None, datasets=False)
     except MalformedDicom as exc:
@@ -303,10 +305,12 @@ def _read_source(path: Path, fp: BinaryIO) -> SourceFile:
     file_meta, meta_end = _read_meta(fp, size)
     syntax = UID(file_meta.TransferSyntaxUID)
     implicit, little = _encoding(syntax)
-    if syntax in _DEFLATED:
-        data = _inflate(fp)
-        _Walker(BytesIO(data), len(data), implicit, little).dataset(0, len(data))
-        return SourceFile(path, file_meta, _parse(data, implicit, little), None, syntax, None, size)
+    if syntax in DEFLATED_SYNTAXES:
+        inflated = _inflate(fp)
+        data, end = BytesIO(inflated), len(inflated)
+        _Walker(data, end, implicit, little).dataset(0, end)
+        dataset = _parse(data, 0, end, implicit, little)
+        return SourceFile(path, file_meta, dataset, None, syntax, None, size)
 
     walker = _Walker(fp, size, implicit, little)
     pixel_start = walker.dataset(meta_end, size, stop=_PIXEL_TAGS.__contains__)
@@ -315,10 +319,8 @@ def _read_source(path: Path, fp: BinaryIO) -> SourceFile:
         pixels = PixelSpan(pixel_start, _pixel_end(walker, pixel_start))
         if pixels.end < size:
             walker.dataset(pixels.end, size)
-            fp.seek(pixels.end)
-            trailing = _parse(fp.read(size - pixels.end), implicit, little)
-    fp.seek(meta_end)
-    dataset = _parse(fp.read(pixel_start - meta_end), implicit, little)
+            trailing = _parse(fp, pixels.end, size, implicit, little)
+    dataset = _parse(fp, meta_end, pixel_start, implicit, little)
     return SourceFile(path, file_meta, dataset, trailing, syntax, pixels, size)
 
 
@@ -337,7 +339,7 @@ def encode_dataset(dataset: Dataset, transfer_syntax: UID) -> bytes:
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     """Return the preamble, ``DICM`` and the meta group with a recomputed group length.
 
-    Works on a copy: pydicom fills in the group length and missing Type 1 elements in place.
+    Works on copies: pydicom fills in the group length and empty Type 1 elements in place.
 
     Raises
     ------
@@ -347,7 +349,7 @@ def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     meta = FileMetaDataset()
     for element in file_meta:
         if element.tag != 0x00020000:
-            meta.add(element)
+            meta.add(copy.copy(element))
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = False, True
     fp.write(_PREFIX)
@@ -356,7 +358,10 @@ def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
 
 
 def build_header(file_meta: FileMetaDataset, dataset: Dataset, source: SourceFile) -> bytes:
-    """Return every byte to write before the source's pixel data (all of it, when deflated).
+    """Return every byte to write before the source's pixel data.
+
+    For a deflated syntax this is the whole file, compressed: search ``encode_dataset(dataset,
+    source.transfer_syntax)`` for residual PHI instead.
 
     Raises
     ------
@@ -369,7 +374,7 @@ def build_header(file_meta: FileMetaDataset, dataset: Dataset, source: SourceFil
     if source.pixels is not None and max(dataset.keys(), default=0) >= _FIRST_PIXEL_TAG:
         raise ValueError("dataset: elements from (7FE0,0008) on belong in the pixel span/trailer")
     body = encode_dataset(dataset, source.transfer_syntax)
-    if source.transfer_syntax in _DEFLATED:
+    if source.transfer_syntax in DEFLATED_SYNTAXES:
         deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
         body = deflater.compress(body) + deflater.flush()
         body += b"\x00" * (len(body) % 2)  # PS3.5 A.5: pad to even length
@@ -421,7 +426,9 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
         count -= done
 
 
-def write_file(dest: Path, header: bytes, source: SourceFile, trailer: bytes = b"") -> WrittenFile:
+def write_file(
+    dest: Path, header: bytes, source: SourceFile, trailer: bytes = b"", *, fsync: bool = True
+) -> WrittenFile:
     """Write `header`, the source's pixel span and `trailer` to `dest`, atomically.
 
     The bytes go to a hidden temporary name in the destination folder, are fsynced, then renamed
@@ -435,6 +442,9 @@ def write_file(dest: Path, header: bytes, source: SourceFile, trailer: bytes = b
         From :func:`build_header` and :func:`build_trailer`, already checked by the caller.
     source : SourceFile
         The file the pixel span is copied from, unchanged (element header included).
+    fsync : bool
+        Flush the file to disk before the rename. A batch may pass False and sync once at its
+        end (``os.sync``) before it reports the files as done: one flush instead of thousands.
 
     Returns
     -------
@@ -450,20 +460,18 @@ def write_file(dest: Path, header: bytes, source: SourceFile, trailer: bytes = b
     pixels = source.pixels
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o644)
+    out = open(tmp, "xb", buffering=0)  # noqa: SIM115 - closed below; removed on any error
     try:
-        try:
-            _write_all(fd, header)
+        with out:
+            _write_all(out.fileno(), header)
             if pixels is not None:
                 with open(source.path, "rb") as src:
                     if os.fstat(src.fileno()).st_size != source.size:
                         raise MalformedDicom("source changed", "its size differs from when read")
-                    _copy_range(src.fileno(), fd, pixels.start, pixels.end - pixels.start)
-            _write_all(fd, trailer)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                    _copy_range(src.fileno(), out.fileno(), pixels.start, pixels.end - pixels.start)
+            _write_all(out.fileno(), trailer)
+            if fsync:
+                os.fsync(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

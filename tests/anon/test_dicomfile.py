@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from pydicom.uid import (
 )
 
 import anonpipe
+from anonpipe.anon import dicomfile
 from anonpipe.anon.dicomfile import (
     MalformedDicom,
     PixelSpan,
@@ -97,8 +99,10 @@ def _meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     return meta
 
 
-def _write(path: Path, transfer_syntax: str, **kwargs: object) -> Path:
-    ds = _dataset(**kwargs)  # type: ignore[arg-type]
+def _write(
+    path: Path, transfer_syntax: str, pixels: str | None = "native", trailing: bool = False
+) -> Path:
+    ds = _dataset(pixels, trailing)
     ds.file_meta = _meta(ds, transfer_syntax)
     dcmwrite(path, ds, enforce_file_format=True)
     return path
@@ -120,7 +124,8 @@ CASES: dict[str, tuple[str, str | None, bool]] = {
     "jpeg-baseline": (JPEGBaseline8Bit, "encapsulated", False),
     "deflated": (DeflatedExplicitVRLittleEndian, "native", False),
     "trailing-explicit": (ExplicitVRLittleEndian, "native", True),
-    "trailing-implicit-encapsulated": (JPEGBaseline8Bit, "encapsulated", True),
+    "trailing-implicit": (ImplicitVRLittleEndian, "native", True),
+    "trailing-encapsulated": (JPEGBaseline8Bit, "encapsulated", True),
     "float-pixel-data": (ExplicitVRLittleEndian, "float", False),
     "no-pixel-data": (ExplicitVRLittleEndian, None, False),
     "no-pixel-data-implicit": (ImplicitVRLittleEndian, None, False),
@@ -207,8 +212,13 @@ def test_encode_file_meta_recomputes_group_length_without_mutating(tmp_path: Pat
 # --- strictness -----------------------------------------------------------------------------
 
 
-def _good(tmp_path: Path, transfer_syntax: str = ExplicitVRLittleEndian, **kw: object) -> bytes:
-    return _write(tmp_path / "good.dcm", transfer_syntax, **kw).read_bytes()
+def _good(
+    tmp_path: Path,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    pixels: str | None = "native",
+    trailing: bool = False,
+) -> bytes:
+    return _write(tmp_path / "good.dcm", transfer_syntax, pixels, trailing).read_bytes()
 
 
 def _raw_meta(meta: FileMetaDataset) -> bytes:
@@ -280,6 +290,7 @@ def test_truncated_header(tmp_path: Path, transfer_syntax: str, needle: bytes, s
         (b"\x08\x00\x50\x11UI", b"ZZ"),  # in a defined-length sequence item
         (b"\x08\x00\x00\x01SH", b"QQ"),  # in an undefined-length sequence item
         (b"\x02\x00\x10\x00UI", b"ZZ"),  # in the file meta
+        (b"\xe0\x7f\x10\x00OW", b"ZZ"),  # the pixel data element
     ],
 )
 def test_bad_vr(tmp_path: Path, needle: bytes, vr: bytes) -> None:
@@ -313,6 +324,38 @@ def test_truncated_trailing_element(tmp_path: Path) -> None:
     assert _malformed(tmp_path / "x", data[:-10]).reason == "truncated header"
 
 
+def test_corrupt_sequence_in_implicit_vr(tmp_path: Path) -> None:
+    """Implicit VR has no VR on the wire: sequences are known from the dictionary and walked."""
+    data = bytearray(_good(tmp_path, ImplicitVRLittleEndian))
+    at = data.index(b"\x08\x00\x50\x11") + 4  # (0008,1150) inside Referenced Image Sequence
+    data[at : at + 4] = struct.pack("<L", 0x1000)
+    assert _malformed(tmp_path / "x", bytes(data)).reason == "truncated header"
+
+
+def test_sequences_nested_too_deeply(tmp_path: Path) -> None:
+    depth = 2000
+    sq = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    end = b"\xfe\xff\x0d\xe0" + bytes(4) + b"\xfe\xff\xdd\xe0" + bytes(4)
+    meta = encode_file_meta(_meta(_dataset(), ExplicitVRLittleEndian))
+    data = meta + sq * depth + end * depth
+    assert _malformed(tmp_path / "x", data).reason == "bad sequence item"
+
+
+def test_header_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dicomfile, "_MAX_HEADER_BYTES", 256)
+    plain = _good(tmp_path)
+    assert _malformed(tmp_path / "x", plain).reason == "header too large"
+    deflated = _good(tmp_path, DeflatedExplicitVRLittleEndian)
+    assert _malformed(tmp_path / "y", deflated).reason == "header too large"
+
+
+def test_pixel_data_right_after_the_meta(tmp_path: Path) -> None:
+    meta = encode_file_meta(_meta(_dataset(), ExplicitVRLittleEndian))
+    (tmp_path / "x").write_bytes(meta + b"\xe0\x7f\x10\x00OB\x00\x00\x04\x00\x00\x00abcd")
+    source = read_source(tmp_path / "x")
+    assert len(source.dataset) == 0 and source.pixels == PixelSpan(len(meta), len(meta) + 16)
+
+
 def test_broken_deflate_stream(tmp_path: Path) -> None:
     data = _good(tmp_path, DeflatedExplicitVRLittleEndian)
     meta_end = len(encode_file_meta(read_source(tmp_path / "good.dcm").file_meta))
@@ -324,8 +367,8 @@ def test_broken_deflate_stream(tmp_path: Path) -> None:
 # --- build and write contracts --------------------------------------------------------------
 
 
-def _source(tmp_path: Path, **kwargs: object) -> SourceFile:
-    return read_source(_write(tmp_path / "in.dcm", ExplicitVRLittleEndian, **kwargs))
+def _source(tmp_path: Path, pixels: str | None = "native", trailing: bool = False) -> SourceFile:
+    return read_source(_write(tmp_path / "in.dcm", ExplicitVRLittleEndian, pixels, trailing))
 
 
 def test_build_header_rejects_a_changed_transfer_syntax(tmp_path: Path) -> None:
@@ -370,10 +413,10 @@ def _exdev_copy_file_range(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("disable", [_no_copy_file_range, _exdev_copy_file_range])
 def test_write_file_falls_back_to_read_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disable: object
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disable: Callable[[pytest.MonkeyPatch], None]
 ) -> None:
     source = _source(tmp_path, pixels="encapsulated")
-    disable(monkeypatch)  # type: ignore[operator]
+    disable(monkeypatch)
     header = build_header(source.file_meta, source.dataset, source)
     written = write_file(tmp_path / "out.dcm", header, source, b"")
     assert dcmread(written.path).PixelData == dcmread(source.path).PixelData
@@ -400,12 +443,24 @@ def test_write_file_removes_the_temporary_file_on_error(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
-def test_write_file_detects_a_source_that_shrank(tmp_path: Path) -> None:
+def test_write_file_refuses_a_source_of_another_size(tmp_path: Path) -> None:
     source = _source(tmp_path)
     header = build_header(source.file_meta, source.dataset, source)
     os.truncate(source.path, source.size - 100)
-    with pytest.raises(MalformedDicom, match="shrank"):
+    with pytest.raises(MalformedDicom, match="size differs") as info:
         write_file(tmp_path / "out" / "new.dcm", header, source, b"")
+    assert info.value.reason == "source changed"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_write_file_stops_when_the_source_ends_early(tmp_path: Path) -> None:
+    source = _source(tmp_path)
+    assert source.pixels is not None
+    source.pixels = PixelSpan(source.pixels.start, source.pixels.end + 100)
+    header = build_header(source.file_meta, source.dataset, source)
+    with pytest.raises(MalformedDicom, match="shrank") as info:
+        write_file(tmp_path / "out" / "new.dcm", header, source, b"")
+    assert info.value.reason == "source changed"
     assert list((tmp_path / "out").iterdir()) == []
 
 
