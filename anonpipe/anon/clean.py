@@ -21,9 +21,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
@@ -107,10 +109,20 @@ class Cleaner:
         }
 
     def dataset(self, source: Dataset) -> Dataset:
-        """A cleaned copy of `source`; `source` is not changed."""
+        """A cleaned copy of `source`; `source` is not changed.
+
+        Elements that pass unchanged whatever their value (see :func:`passes_unread`) are copied
+        still encoded, so pydicom neither decodes nor re-encodes them: most of a header.
+        """
         out = Dataset()
-        for element in source:
-            cleaned = self.element(element, source)
+        implicit, little = source.original_encoding
+        out.set_original_encoding(implicit, little, source.original_character_set)
+        for tag in source.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
+            item = source.get_item(tag)
+            if isinstance(item, RawDataElement) and passes_unread(self.recipe.profile, item):
+                out[tag] = item
+                continue
+            cleaned = self.element(source[tag], source)
             if cleaned is not None:
                 out.add(cleaned)
         return out
@@ -217,6 +229,31 @@ class Cleaner:
     def _patient_name(self, original: str) -> str:
         self.store.patient_name(original, self.patient.patient_name)
         return self.patient.patient_name
+
+
+_NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
+
+
+def passes_unread(profile: Profile, raw: RawDataElement) -> bool:
+    """Whether a still-encoded element is kept unchanged by every rule, whatever its value.
+
+    True for public elements the profile does not list, whose VR is known and is not one that
+    unlisted elements get treated for (sequences, UIDs, dates, unknown VR), and that do not
+    identify anyone.
+    """
+    return _passes_unread(profile, int(raw.tag), raw.VR)
+
+
+@lru_cache(maxsize=4096)
+def _passes_unread(profile: Profile, tag: int, vr: str | None) -> bool:
+    if tag & 1 << 16 or tag & 0xFFFF == 0 or profile.rule(tag) is not None:
+        return False  # private (odd group), group length, or listed
+    if vr is None:  # implicit VR: the dictionary's
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr not in _NEVER_UNREAD and keyword_for_tag(tag) not in IDENTIFYING_KEYWORDS
 
 
 def _single_or_list(values: list[str]) -> str | list[str]:

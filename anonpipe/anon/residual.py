@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -115,8 +117,21 @@ def collect_identifiers(
     return {needle for needle in found if len(needle) >= MIN_NEEDLE}
 
 
+@lru_cache(maxsize=4096)
+def _may_identify(tag: int, vr: str | None) -> bool:
+    """Cheap pre-check on a still-encoded element: can it be a needle source at all?"""
+    if tag & 1 << 16:
+        return True  # private
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return True
+    return vr in ("SQ", "UI", "UN", "PN") or keyword_for_tag(tag) in IDENTIFYING_KEYWORDS
+
+
 def _identifying(element: DataElement) -> bool:
-    if element.keyword in IDENTIFYING_KEYWORDS:
+    if element.VR == "PN" or element.keyword in IDENTIFYING_KEYWORDS:
         return True
     return bool(element.tag.is_private and not element.tag.is_private_creator)
 
@@ -130,7 +145,13 @@ def _as_text(element: DataElement) -> DataElement:
 
 
 def _walk(dataset: Dataset) -> Iterator[DataElement]:
-    for element in dataset:
+    """Every element that may hold an identifier, sequences flattened; elements the cleaner
+    copied unread (:func:`~anonpipe.anon.clean.passes_unread`: no identifiers) stay unread."""
+    for tag in dataset.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
+        item = dataset.get_item(tag)
+        if isinstance(item, RawDataElement) and not _may_identify(int(tag), item.VR):
+            continue
+        element = dataset[tag]
         if element.VR == "SQ":
             for item in element.value or ():
                 yield from _walk(item)
