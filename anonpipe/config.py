@@ -27,22 +27,11 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from anonpipe.anon.profile import OPTION_NAMES  # the [anon] options, by name
+from anonpipe.anon.vocabulary import Vocabulary
+
 DEFAULT_CONFIG_PATH: Final = Path("/etc/anonpipe/anonpipe.toml")
 CONFIG_ENV: Final = "ANONPIPE_CONFIG"
-#: PS3.15 Table E.1-1 option columns, by the names used in ``[anon] options``.
-ANON_OPTIONS: Final = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_longitudinal_full_dates",
-    "retain_longitudinal_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
-
 Check = Callable[[Any], Any]
 
 
@@ -168,16 +157,11 @@ _VOCABULARY_SHAPE = 'expected JSON of the shape {"gggg,eeee": ["allowed value", 
 def _vocabulary_file(value: Path) -> Path:
     _existing_file(value)
     try:
-        data = json.loads(value.read_text(encoding="utf-8"))
+        Vocabulary.load(value)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot be read as JSON ({exc}); {_VOCABULARY_SHAPE}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"top level is not an object; {_VOCABULARY_SHAPE}")
-    for tag, allowed in data.items():
-        if not _TAG.fullmatch(tag):
-            raise ValueError(f"key {tag!r} is not a tag; {_VOCABULARY_SHAPE}")
-        if not isinstance(allowed, list) or not all(isinstance(v, str) for v in allowed):
-            raise ValueError(f"entry {tag!r} is not an array of strings; {_VOCABULARY_SHAPE}")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {_VOCABULARY_SHAPE}") from None
     return value
 
 
@@ -304,7 +288,7 @@ class AnonSettings:
     limited_vocabulary: Path | None = field(default=None, metadata={"check": _vocabulary_file})
     dates: str = field(default="shift", metadata={"check": _one_of("shift", "remove", "keep")})
     options: tuple[str, ...] = field(
-        default=("clean_descriptors",), metadata={"each": _one_of(*ANON_OPTIONS)}
+        default=("clean_descriptors",), metadata={"each": _one_of(*OPTION_NAMES)}
     )
     date_shift_days: tuple[int, int] = field(default=(-365, -1), metadata={"check": _shift_range})
     jobs: int = field(default=0, metadata={"check": _between(0)})

@@ -33,12 +33,16 @@ class Vocabulary:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Sequence[str]]) -> Vocabulary:
-        """Build from the JSON shape; raises ValueError on a malformed tag or value list."""
+        """Build from the JSON shape; ValueError names what is malformed (never a value)."""
+        if not isinstance(data, Mapping):
+            raise ValueError("top level is not an object")
         allowed: dict[int, frozenset[str]] = {}
         for key, values in data.items():
             found = _TAG.match(key.strip())
-            if found is None or isinstance(values, str) or not isinstance(values, Sequence):
-                raise ValueError(f"vocabulary key {key!r}: want 'gggg,eeee': [strings]")
+            if found is None:
+                raise ValueError(f"key {key!r} is not a tag")
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"entry {key!r} is not an array of strings")
             tag = int(found.group(1) + found.group(2), 16)
             allowed[tag] = frozenset(normalise(str(v)) for v in values)
         return cls(allowed)
