@@ -130,9 +130,13 @@ def _anonymize(args: argparse.Namespace) -> int:
     quarantine_dir = args.quarantine or args.dest.parent / "quarantine"
     files = list(iter_files(args.src))
     progress = _Progress(len(files), sys.stderr)
-    summary = run_batch(
-        files, args.dest, quarantine_dir, spec, args.jobs or anon.jobs, progress.update
-    )
+    try:
+        summary = run_batch(
+            files, args.dest, quarantine_dir, spec, args.jobs or anon.jobs, progress.update
+        )
+    except IdentityError as exc:
+        print(f"anonpipe anonymize: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     progress.done()
     print(
         f"{summary.total} files: {summary.clean} clean, "

@@ -29,7 +29,8 @@ from tests.harness.studygen import BENCH, generate
 
 PY = sys.executable
 DEID_SCRIPT = """
-import sys
+import os, sys
+os.makedirs(sys.argv[2], exist_ok=True)
 from deid.dicom import get_files, replace_identifiers
 from deid.config import DeidRecipe
 files = list(get_files(sys.argv[1]))
@@ -93,7 +94,8 @@ def main() -> int:
             dest = work / f"out-{name.replace(' ', '')}"
             shutil.rmtree(dest, ignore_errors=True)
             shutil.rmtree(f"{dest}.q", ignore_errors=True)
-            (work / "identity.db").unlink(missing_ok=True)
+            for suffix in ("", "-wal", "-shm"):  # a fresh identity store every run
+                (work / f"identity.db{suffix}").unlink(missing_ok=True)
             argv = [a.format(src=src, dest=dest) for a in command]
             start = time.perf_counter()
             done = subprocess.run(argv, capture_output=True, text=True, check=False)

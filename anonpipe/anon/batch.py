@@ -135,12 +135,20 @@ def run_batch(
     caller that records the batch as done (the daemon). Without it, like ``cp``, a power cut
     may lose output the kernel had not yet written; a killed process loses nothing.
 
+    Raises
+    ------
+    IdentityError
+        When the identity store cannot be opened or created.
+
     Parameters
     ----------
     on_outcome
         Called in this process for every file, in input order, as results arrive.
     """
     jobs = jobs or os.cpu_count() or 1
+    # create the identity store (schema, WAL) here, once: workers racing to create a new file
+    # can fail ("disk I/O error" on the WAL switch), and an error belongs to the caller
+    IdentityStore(spec.identity_db, spec.key, spec.shift_days).close()
     summary = Summary()
     tasks = ((path, clean_dir, quarantine_dir) for path in files)
 

@@ -78,6 +78,9 @@ DUMMY_BY_VR: dict[str, Any] = {
 
 _DATE_OPTION = "retain_longitudinal_modified_dates"
 
+#: Patient Name, Patient ID, Accession Number, Study ID: replaced by keyed pseudonyms.
+PSEUDONYM_TAGS = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00200010})
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -101,7 +104,7 @@ class Cleaner:
         self.store = store
         self.patient = patient
         self.kept: set[BaseTag] = set()
-        self._pseudonyms: dict[int, Callable[[str], str]] = {
+        self._pseudonyms: dict[int, Callable[[str], str]] = {  # keys: PSEUDONYM_TAGS
             0x00100010: self._patient_name,
             0x00100020: lambda _original: patient.patient_id,
             0x00080050: store.accession,
@@ -111,7 +114,7 @@ class Cleaner:
     def dataset(self, source: Dataset) -> Dataset:
         """A cleaned copy of `source`; `source` is not changed.
 
-        Elements that pass unchanged whatever their value (see :func:`passes_unread`) are copied
+        Elements that pass unchanged whatever their value (see :func:`unread_fate`) are copied
         still encoded, so pydicom neither decodes nor re-encodes them: most of a header.
         """
         out = Dataset()
@@ -119,9 +122,13 @@ class Cleaner:
         out.set_original_encoding(implicit, little, source.original_character_set)
         for tag in source.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
             item = source.get_item(tag)
-            if isinstance(item, RawDataElement) and passes_unread(self.recipe.profile, item):
-                out[tag] = item
-                continue
+            if isinstance(item, RawDataElement):
+                fate = unread_fate(self.recipe.profile, int(tag), item.VR)
+                if fate == "copy":
+                    out[tag] = item
+                    continue
+                if fate == "drop":
+                    continue
             cleaned = self.element(source[tag], source)
             if cleaned is not None:
                 out.add(cleaned)
@@ -234,26 +241,32 @@ class Cleaner:
 _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
 
 
-def passes_unread(profile: Profile, raw: RawDataElement) -> bool:
-    """Whether a still-encoded element is kept unchanged by every rule, whatever its value.
+@lru_cache(maxsize=8192)
+def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
+    """What happens to a still-encoded element whatever its value: copy, drop, or read it.
 
-    True for public elements the profile does not list, whose VR is known and is not one that
-    unlisted elements get treated for (sequences, UIDs, dates, unknown VR), and that do not
-    identify anyone.
+    ``copy`` for public elements the profile does not list, whose VR is known and not one that
+    unlisted elements get treated for (sequences, UIDs, dates, names, unknown VR), and that do
+    not identify anyone; ``drop`` for group lengths, private elements (unless safe private ones
+    may be kept) and listed elements whose action is X (except those we pseudonymise); ``read``
+    otherwise. Deciding before decoding spares pydicom most of a header's conversions.
     """
-    return _passes_unread(profile, int(raw.tag), raw.VR)
-
-
-@lru_cache(maxsize=4096)
-def _passes_unread(profile: Profile, tag: int, vr: str | None) -> bool:
-    if tag & 1 << 16 or tag & 0xFFFF == 0 or profile.rule(tag) is not None:
-        return False  # private (odd group), group length, or listed
+    if tag & 0xFFFF == 0:
+        return "drop"
+    if tag & 1 << 16:
+        return "read" if "retain_safe_private" in profile.options else "drop"
+    rule = profile.rule(tag)
+    if rule is not None:
+        removed = rule.action is Action.REMOVE and tag not in PSEUDONYM_TAGS
+        return "drop" if removed else "read"
     if vr is None:  # implicit VR: the dictionary's
         try:
             vr = dictionary_VR(tag)
         except KeyError:
-            return False
-    return vr not in _NEVER_UNREAD and keyword_for_tag(tag) not in IDENTIFYING_KEYWORDS
+            return "read"
+    if vr in _NEVER_UNREAD or keyword_for_tag(tag) in IDENTIFYING_KEYWORDS:
+        return "read"
+    return "copy"
 
 
 def _single_or_list(values: list[str]) -> str | list[str]:

@@ -146,7 +146,7 @@ def _as_text(element: DataElement) -> DataElement:
 
 def _walk(dataset: Dataset) -> Iterator[DataElement]:
     """Every element that may hold an identifier, sequences flattened; elements the cleaner
-    copied unread (:func:`~anonpipe.anon.clean.passes_unread`: no identifiers) stay unread."""
+    copied unread (:func:`~anonpipe.anon.clean.unread_fate`: no identifiers) stay unread."""
     for tag in dataset.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
         item = dataset.get_item(tag)
         if isinstance(item, RawDataElement) and not _may_identify(int(tag), item.VR):
