@@ -150,7 +150,6 @@ def _existing_file(value: Path) -> Path:
     return value
 
 
-_TAG = re.compile(r"[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}")
 _VOCABULARY_SHAPE = 'expected JSON of the shape {"gggg,eeee": ["allowed value", ...]}'
 
 

@@ -32,7 +32,7 @@ from pydicom.tag import BaseTag
 
 from anonpipe.anon.identity import IdentityStore, PatientPseudonym
 from anonpipe.anon.profile import Action, Profile
-from anonpipe.anon.residual import IDENTIFYING_KEYWORDS
+from anonpipe.anon.residual import IDENTIFYING_KEYWORDS, may_identify
 from anonpipe.anon.values import values_of
 from anonpipe.anon.vocabulary import Vocabulary
 
@@ -167,7 +167,7 @@ class Cleaner:
             return DataElement(tag, vr, DUMMY_BY_VR.get(vr))
         if vr in ("DA", "DT"):  # KEEP, or CLEAN that kept the value
             return self._date(element)
-        if _identifying(element):
+        if may_identify(element):
             self.kept.add(tag)
         return element
 
@@ -223,7 +223,7 @@ class Cleaner:
     def _date(self, element: DataElement) -> DataElement:
         mode = self.recipe.dates
         if mode == "keep":
-            if _identifying(element):
+            if may_identify(element):
                 self.kept.add(element.tag)
             return element
         if mode == "remove":
@@ -271,10 +271,6 @@ def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
 
 def _single_or_list(values: list[str]) -> str | list[str]:
     return values[0] if len(values) == 1 else values
-
-
-def _identifying(element: DataElement) -> bool:
-    return element.VR == "UI" or element.keyword in IDENTIFYING_KEYWORDS
 
 
 def shift_date(value: str, days: int) -> str | None:

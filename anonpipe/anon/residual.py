@@ -77,13 +77,6 @@ _SPLIT = re.compile(r"[\^=\s,]+")
 _STANDARD_UID = "1.2.840.10008."
 
 
-@dataclass(frozen=True, slots=True)
-class ResidualHit:
-    """Where an identifying value survived: a tag path such as ``(0040,0275)[0](0008,1030)``."""
-
-    path: str
-
-
 def _needles_of(element: DataElement) -> Iterator[str]:
     for value in values_of(element.value):
         text = str(value).strip()
@@ -128,6 +121,12 @@ def _may_identify(tag: int, vr: str | None) -> bool:
         except KeyError:
             return True
     return vr in ("SQ", "UI", "UN", "PN") or keyword_for_tag(tag) in IDENTIFYING_KEYWORDS
+
+
+def may_identify(element: DataElement) -> bool:
+    """Whether the gate collects this element's values: UIDs, names, identifying attributes and
+    private values. The cleaner reports the ones it keeps on purpose, so they are not sought."""
+    return element.VR == "UI" or _identifying(element)
 
 
 def _identifying(element: DataElement) -> bool:
