@@ -326,3 +326,23 @@ def test_anonymize_command(
     assert "quarantined: patient protocol series" in out
     assert len(list((tmp_path / "quarantine").glob("*.dcm"))) == protocol
     assert main(["anonymize", "-c", str(config), str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+
+
+def test_deflated_input_is_cleaned_and_stays_deflated(generated: Manifest, tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    record = next(i for i in generated.instances if i.transfer_syntax_uid == ExplicitVRLittleEndian)
+    ds = pydicom.dcmread(record.path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = tmp_path / "deflated.dcm"
+    ds.save_as(deflated)
+    outcomes: list[Outcome] = []
+    run_batch([deflated], tmp_path / "c", tmp_path / "q", _spec(tmp_path), 1, outcomes.append)
+    assert outcomes[0].status == "clean" and outcomes[0].output is not None
+    out = pydicom.dcmread(outcomes[0].output)
+    assert out.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert out.PixelData == ds.PixelData
+    plain = DicomBytesIO()
+    plain.is_little_endian, plain.is_implicit_VR = True, False
+    write_dataset(plain, out)  # the inflated content, searched for plants
+    assert not generated.find_planted(plain.getvalue(), uids=True)
