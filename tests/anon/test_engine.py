@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +57,15 @@ def _spec(
     )
 
 
-def _run(manifest: Manifest, out: Path, spec: EngineSpec, jobs: int = 1) -> Run:
+def _outcomes(paths: Sequence[Path], out: Path, spec: EngineSpec, jobs: int = 1) -> list[Outcome]:
+    """Run one batch into ``out/clean`` and ``out/quarantine``; the outcomes in input order."""
     outcomes: list[Outcome] = []
-    run_batch(manifest.paths, out / "clean", out / "quarantine", spec, jobs, outcomes.append)
+    run_batch(paths, out / "clean", out / "quarantine", spec, jobs, outcomes.append)
+    return outcomes
+
+
+def _run(manifest: Manifest, out: Path, spec: EngineSpec, jobs: int = 1) -> Run:
+    outcomes = _outcomes(manifest.paths, out, spec, jobs)
     return Run(manifest, outcomes, out / "clean", out / "quarantine", spec)
 
 
@@ -263,10 +269,7 @@ def test_malformed_inputs_are_quarantined_and_the_run_goes_on(
     )
     bad = _malformed(tmp_path / "bad", explicit.path)
     good = [i.path for i in generated.instances[:3]]
-    outcomes: list[Outcome] = []
-    run_batch(
-        [*bad.values(), *good], tmp_path / "c", tmp_path / "q", _spec(tmp_path), 1, outcomes.append
-    )
+    outcomes = _outcomes([*bad.values(), *good], tmp_path, _spec(tmp_path))
     by_source = {o.source: o for o in outcomes}
     for name, path in bad.items():
         outcome = by_source[path]
@@ -285,18 +288,16 @@ def test_residual_phi_gate_catches_a_copy_in_an_unlisted_element(
     ds.ConvolutionKernel = str(ds.PatientID)  # (0018,1210) is not in Table E.1-1
     planted = tmp_path / "planted.dcm"
     ds.save_as(planted)
-    outcomes: list[Outcome] = []
-    run_batch([planted], tmp_path / "c", tmp_path / "q", _spec(tmp_path), 1, outcomes.append)
+    outcomes = _outcomes([planted], tmp_path, _spec(tmp_path))
     assert outcomes[0].status == "quarantined" and outcomes[0].reason == "residual PHI"
     assert outcomes[0].detail == "at (0018,1210)"
-    assert not list((tmp_path / "c").rglob("*.dcm"))
+    assert not list((tmp_path / "clean").rglob("*.dcm"))
 
 
 def test_retain_uids_and_full_dates_options(generated: Manifest, tmp_path: Path) -> None:
     spec = _spec(tmp_path, "keep", ("retain_uids",))
     record = generated.instances[0]
-    outcomes: list[Outcome] = []
-    run_batch([record.path], tmp_path / "c", tmp_path / "q", spec, 1, outcomes.append)
+    outcomes = _outcomes([record.path], tmp_path, spec)
     assert outcomes[0].status == "clean" and outcomes[0].output is not None
     out = pydicom.dcmread(outcomes[0].output)
     src = pydicom.dcmread(record.path)
@@ -336,8 +337,7 @@ def test_deflated_input_is_cleaned_and_stays_deflated(generated: Manifest, tmp_p
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     deflated = tmp_path / "deflated.dcm"
     ds.save_as(deflated)
-    outcomes: list[Outcome] = []
-    run_batch([deflated], tmp_path / "c", tmp_path / "q", _spec(tmp_path), 1, outcomes.append)
+    outcomes = _outcomes([deflated], tmp_path, _spec(tmp_path))
     assert outcomes[0].status == "clean" and outcomes[0].output is not None
     out = pydicom.dcmread(outcomes[0].output)
     assert out.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
