@@ -224,6 +224,7 @@ class LocalSettings:
     acse_timeout: float = field(default=30.0, metadata={"check": _positive})
     dimse_timeout: float = field(default=600.0, metadata={"check": _positive})
     network_timeout: float = field(default=600.0, metadata={"check": _positive})
+    min_free_mb: int = field(default=1024, metadata={"check": _between(0)})
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,7 @@ EXTRAS = {
         "acse_timeout": 30,
         "dimse_timeout": 600,
         "network_timeout": 600,
+        "min_free_mb": 1024,
     },
     "staging": {"connect_timeout": 10},
     "research": {"connect_timeout": 10, "push_associations": 1, "retries": 3, "retry_backoff": 2.0},

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from anonpipe.durable import fsync_path
+
 #: Length of a generated key, and the minimum accepted, in bytes.
 KEY_BYTES: Final = 32
 SCHEMA_VERSION: Final = 1
@@ -121,7 +123,7 @@ def load_or_create_key(path: Path) -> bytes:
             os.fsync(file.fileno())
         with contextlib.suppress(FileExistsError):  # the loser of a race uses the winner's key
             os.link(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         raise IdentityError(
             f"cannot create key file {path}: {exc.strerror}; make {path.parent} writable by this"
@@ -159,18 +161,6 @@ def _read_key(path: Path) -> bytes:
             " restore it from a backup"
         )
     return key
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or directory's) data to disk: fsync acts on the file, not the descriptor."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IdentityStore:
@@ -376,7 +366,7 @@ class IdentityStore:
             self._execute("COMMIT")
             self._settle()
             self._execute("BEGIN IMMEDIATE")
-        _fsync(Path(f"{self.path}-wal"))
+        fsync_path(Path(f"{self.path}-wal"))
 
     def _writing(self) -> AbstractContextManager[None]:
         return nullcontext() if self._in_transaction else self.transaction()

@@ -1,0 +1,95 @@
+"""The SCP's pynetdicom event handlers: thin, with their dependencies bound as ``args``.
+
+Contracts (one place for each):
+
+- ``EVT_REQUESTED`` → :func:`on_requested`: reject (A-ASSOCIATE-RJ, permanent, service user) any
+  association that does not call our AE title or comes from a peer not allowed from its address.
+- ``EVT_C_STORE`` → :func:`on_c_store`: answer 0x0000 once the object is durable in a pull's
+  landing folder; otherwise a failure status from :class:`~anonpipe.scp.lander.Refused`, 0xA700
+  when out of space, 0x0110 for anything unexpected. Never raises.
+- ``EVT_C_ECHO``: pynetdicom's default (success), reachable only by allowed peers.
+
+Logs carry AE titles, addresses and reasons; never UIDs or other header values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from anonpipe.dimse import Status
+from anonpipe.logs import get_logger
+from anonpipe.scp.lander import Lander, Refused, StoreRequest, Tally
+from anonpipe.scp.peers import PeerPolicy
+
+__all__ = ["on_c_store", "on_requested"]
+
+log = get_logger(__name__)
+
+#: A-ASSOCIATE-RJ result "rejected-permanent" and source "DICOM UL service-user".
+_REJECTED_PERMANENT = 0x01
+_SERVICE_USER = 0x01
+
+
+def on_requested(event: Any, policy: PeerPolicy, rejections: Tally) -> None:
+    """Reject the association unless the peer policy allows it; count the rejection."""
+    requestor = event.assoc.requestor
+    called = str(requestor.primitive.called_ae_title)
+    calling = str(requestor.primitive.calling_ae_title)
+    rejection = policy.check(called, calling, str(requestor.address))
+    if rejection is None:
+        return
+    rejections.add(rejection.message)
+    log.warning(
+        "association rejected",
+        reason=rejection.message,
+        calling_ae=calling,
+        called_ae=called,
+        peer_address=str(requestor.address),
+    )
+    event.assoc.acse.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, rejection.reason)
+    # As pynetdicom does after its own rejections: let the DUL send the A-ASSOCIATE-RJ, then stop.
+    event.assoc.kill()
+
+
+def on_c_store(event: Any, lander: Lander) -> int:
+    """Land the object (see :meth:`Lander.land`) and return the status to answer."""
+    request = event.request
+    calling = str(event.assoc.requestor.ae_title)
+    try:
+        temp_path = Path(event.dataset_path)
+    except AttributeError:
+        log.error("C-STORE data set not streamed to a file; call configure_transfer() first")
+        return int(Status.PROCESSING_FAILURE)
+    store = StoreRequest(
+        temp_path=temp_path,
+        affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        calling_ae=calling,
+        association_id=id(event.assoc),
+        move_originator_ae=_text(request.MoveOriginatorApplicationEntityTitle),
+        move_originator_message_id=request.MoveOriginatorMessageID,
+    )
+    try:
+        lander.land(store)
+    except Refused as refusal:
+        log.warning(
+            "object refused",
+            reason=refusal.reason,
+            status=f"0x{refusal.status:04X}",
+            calling_ae=calling,
+        )
+        return int(refusal.status)
+    except OSError as exc:
+        log.error("object not stored: filesystem error", error=exc.strerror, calling_ae=calling)
+        return int(Status.PROCESSING_FAILURE)
+    except Exception:
+        log.exception("object not stored: unexpected error", calling_ae=calling)
+        return int(Status.PROCESSING_FAILURE)
+    return int(Status.SUCCESS)
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return text.strip() or None

@@ -1,0 +1,193 @@
+"""Land one received object: check it, then move its file into the expecting pull's folder.
+
+pynetdicom has already streamed the object, preamble and file meta included, into a temporary
+file (see :func:`anonpipe.dimse.configure_transfer`). Landing reads only the three UIDs it needs
+from the header, refuses what must not enter a run, and otherwise fsyncs the file and renames it
+to ``<landing folder>/<SOP Instance UID>.dcm`` (then fsyncs the folder) before the caller answers
+success. The data set is never decoded and never held in memory.
+
+Every refusal is a :class:`Refused` carrying the status to answer; the handler turns it into
+the response in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+from anonpipe.dimse import Status, is_valid_uid
+from anonpipe.durable import fsync_path
+from anonpipe.scp.landing import Arrival, Landing, LandingRegistry
+
+__all__ = ["Lander", "Refused", "StoreRequest", "Tally"]
+
+#: Read from each header; the data set is not parsed past Series Instance UID.
+_TAGS = [Tag(0x0008, 0x0016), Tag(0x0008, 0x0018), Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)]
+#: Errors that mean "no space left": answered with Out of Resources, not a crash.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class Refused(Exception):
+    """The object is not stored: answer *status*; *reason* is short, fixed text (no PHI)."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """What the SCP knows about one C-STORE before looking inside the object."""
+
+    temp_path: Path
+    affected_sop_instance_uid: str
+    calling_ae: str
+    association_id: int
+    move_originator_ae: str | None = None
+    move_originator_message_id: int | None = None
+
+
+class Tally:
+    """A thread-safe count by reason, for ``anonpipectl status``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class Lander:
+    """Lands objects for the pulls registered in *registry*; counts what it did.
+
+    Parameters
+    ----------
+    registry : LandingRegistry
+        The studies currently expected.
+    min_free_bytes : int
+        Refuse with Out of Resources when the landing filesystem would have less than this free
+        after the object: a full disk must not be discovered by the de-identifier or the audit.
+    """
+
+    def __init__(self, registry: LandingRegistry, min_free_bytes: int = 0) -> None:
+        self.registry = registry
+        self.min_free_bytes = min_free_bytes
+        self.landed = Tally()
+        self.refused = Tally()
+
+    def land(self, request: StoreRequest) -> Arrival:
+        """Check and land the object in ``request.temp_path``; return where it went.
+
+        Raises
+        ------
+        Refused
+            With the status to answer; nothing was stored.
+        OSError
+            If the filesystem failed; nothing was stored (out-of-space errors become
+            :class:`Refused` with Out of Resources).
+        """
+        landing: Landing | None = None
+        try:
+            uids = _read_uids(request.temp_path)
+            study_uid = uids.get("study", "")
+            if not is_valid_uid(study_uid):
+                raise Refused(Status.CANNOT_UNDERSTAND, "Study Instance UID is not a valid UID")
+            landing = self.registry.get(study_uid)
+            if landing is None:
+                raise Refused(Status.REFUSED_NOT_AUTHORIZED, "unsolicited: no pull expects it")
+            arrival = self._move_into(landing, request, uids)
+        except Refused as refusal:
+            if landing is not None:
+                landing.record_refusal()
+            self.refused.add(refusal.reason)
+            raise
+        except OSError as exc:
+            if landing is not None:
+                landing.record_refusal()
+            reason = "no space left on the landing filesystem" if exc.errno in _NO_SPACE else ""
+            self.refused.add(reason or "filesystem error")
+            if reason:
+                raise Refused(Status.OUT_OF_RESOURCES, reason) from exc
+            raise
+        self.landed.add(request.calling_ae)
+        landing.record(arrival, request.association_id)
+        return arrival
+
+    def _move_into(self, landing: Landing, request: StoreRequest, uids: dict[str, str]) -> Arrival:
+        sop_uid = uids.get("sop", "")
+        series_uid = uids.get("series", "")
+        if not (is_valid_uid(sop_uid) and is_valid_uid(series_uid)):
+            raise Refused(Status.CANNOT_UNDERSTAND, "SOP or Series Instance UID is not a valid UID")
+        if sop_uid != request.affected_sop_instance_uid.strip():
+            raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request")
+        size = request.temp_path.stat().st_size
+        if self.min_free_bytes:
+            fs = os.statvfs(landing.directory)
+            if fs.f_bavail * fs.f_frsize - size < self.min_free_bytes:
+                raise Refused(
+                    Status.OUT_OF_RESOURCES, "landing filesystem below its free-space floor"
+                )
+        dest = landing.directory / f"{sop_uid}.dcm"
+        _durable_move(request.temp_path, dest)
+        return Arrival(
+            path=dest,
+            study_uid=landing.study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=uids.get("sop_class", ""),
+            size=size,
+            calling_ae=request.calling_ae,
+            move_originator_ae=request.move_originator_ae,
+            move_originator_message_id=request.move_originator_message_id,
+        )
+
+
+def _read_uids(path: Path) -> dict[str, str]:
+    """The four UIDs of the header, as text; only the header is read."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+        found = {
+            "sop_class": ds.get("SOPClassUID"),
+            "sop": ds.get("SOPInstanceUID"),
+            "study": ds.get("StudyInstanceUID"),
+            "series": ds.get("SeriesInstanceUID"),
+        }
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, NotImplementedError):
+        raise Refused(Status.CANNOT_UNDERSTAND, "unreadable header") from None
+    return {name: str(value).strip("\0 ") for name, value in found.items() if value is not None}
+
+
+def _durable_move(temp: Path, dest: Path) -> None:
+    """fsync *temp*, rename it to *dest* (copy if on another filesystem), fsync the folder."""
+    fsync_path(temp)
+    try:
+        os.replace(temp, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # TMPDIR is on another filesystem: copy next to dest, then rename (still atomic).
+        staging = dest.with_name(f".{dest.name}.part")
+        try:
+            shutil.copyfile(temp, staging)
+            fsync_path(staging)
+            os.replace(staging, dest)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    fsync_path(dest.parent)

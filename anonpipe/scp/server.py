@@ -1,0 +1,178 @@
+"""The resident Storage SCP: lifecycle (start, status, drain and stop) around pynetdicom's server.
+
+It accepts every storage SOP class in every transfer syntax pynetdicom knows, and Verification,
+from allowed peers only; objects land through :class:`~anonpipe.scp.lander.Lander` into the
+folders pulls registered in a :class:`~anonpipe.scp.landing.LandingRegistry`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+from anonpipe.config import LocalSettings, Peer
+from anonpipe.dimse import VERIFICATION, configure_transfer
+from anonpipe.logs import get_logger
+from anonpipe.scp.handlers import on_c_store, on_requested
+from anonpipe.scp.lander import Lander, Tally
+from anonpipe.scp.landing import LandingRegistry
+from anonpipe.scp.peers import PeerPolicy
+
+__all__ = ["ScpStatus", "StorageSCP"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ScpStatus:
+    """A snapshot for ``anonpipectl status``: listening, load and what was refused, by reason."""
+
+    ae_title: str
+    bind: str
+    port: int
+    listening: bool
+    active_associations: int
+    expected_studies: int
+    landed: int
+    refused: dict[str, int]
+    rejected_associations: dict[str, int]
+
+
+class StorageSCP:
+    """Our Storage SCP (``[local]``): ``start()``, then ``stop()`` which drains associations.
+
+    Parameters
+    ----------
+    local : LocalSettings
+        AE title, bind address and port, association limits and timeouts.
+    peers : iterable of Peer
+        Calling AEs allowed to associate (``Settings.allowed_peers``), each from its host.
+    registry : LandingRegistry
+        Shared with the pulls: which studies are expected and where they land.
+    min_free_bytes : int
+        Refuse objects (Out of Resources) that would leave less free space than this.
+
+    Raises
+    ------
+    ValueError
+        If an allowed peer's host name does not resolve.
+    """
+
+    def __init__(
+        self,
+        local: LocalSettings,
+        peers: Iterable[Peer],
+        registry: LandingRegistry,
+        *,
+        min_free_bytes: int = 0,
+    ) -> None:
+        self.local = local
+        self.registry = registry
+        self.policy = PeerPolicy(local.ae_title, peers)
+        self.lander = Lander(registry, min_free_bytes)
+        self.rejections = Tally()
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def _application_entity(self) -> Any:
+        ae = AE(ae_title=self.local.ae_title)
+        ae.maximum_associations = self.local.max_associations
+        ae.maximum_pdu_size = self.local.max_pdu_size
+        ae.acse_timeout = self.local.acse_timeout
+        ae.dimse_timeout = self.local.dimse_timeout
+        ae.network_timeout = self.local.network_timeout
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION)
+        return ae
+
+    @property
+    def is_listening(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        """The port we listen on (the configured one; the bound one when configured as 0)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self.local.port
+
+    def start(self) -> None:
+        """Bind and serve in background threads; returns once the socket listens.
+
+        Raises
+        ------
+        OSError
+            If the address cannot be bound (for example the port is in use); the message names
+            the address.
+        """
+        with self._lock:
+            if self._server is not None:
+                return
+            configure_transfer()
+            handlers = [
+                (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections]),
+                (evt.EVT_C_STORE, on_c_store, [self.lander]),
+            ]
+            ae = self._application_entity()
+            address = (self.local.bind, self.local.port)
+            try:
+                self._server = ae.start_server(address, block=False, evt_handlers=handlers)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on {self.local.bind}:{self.local.port}: {exc.strerror}",
+                ) from exc
+        log.info(
+            "storage scp listening",
+            ae_title=self.local.ae_title,
+            bind=self.local.bind,
+            port=self.port,
+            allowed_peers=list(self.policy.allowed_titles),
+        )
+
+    def active_associations(self) -> int:
+        server = self._server
+        return 0 if server is None else len(server.active_associations)
+
+    def status(self) -> ScpStatus:
+        return ScpStatus(
+            ae_title=self.local.ae_title,
+            bind=self.local.bind,
+            port=self.port,
+            listening=self.is_listening,
+            active_associations=self.active_associations(),
+            expected_studies=len(self.registry),
+            landed=sum(self.lander.landed.snapshot().values()),
+            refused=self.lander.refused.snapshot(),
+            rejected_associations=self.rejections.snapshot(),
+        )
+
+    def stop(self, drain_timeout: float = 30.0) -> int:
+        """Stop accepting, let active associations finish for up to *drain_timeout* seconds, then
+        abort the rest. Returns how many had to be aborted.
+
+        pynetdicom's ``shutdown()`` closes the listening socket but leaves associations running;
+        waiting for them here is what makes a stop lose nothing that was being received.
+        """
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return 0
+        server.shutdown()
+        deadline = time.monotonic() + drain_timeout
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = list(server.active_associations)
+        for assoc in leftover:
+            assoc.abort()
+        if leftover:
+            log.warning("associations aborted at stop", count=len(leftover))
+        log.info("storage scp stopped", ae_title=self.local.ae_title)
+        return len(leftover)

@@ -1,0 +1,349 @@
+"""Push files to the research PACS (C-STORE), then confirm with C-FIND what arrived per study.
+
+Files are sent as they are on disk (pynetdicom streams each data set from the file; nothing is
+decoded or transcoded), so the presentation contexts come from the files' own SOP classes and
+transfer syntaxes, at most 128 per association. Files can be spread over several associations in
+parallel, each owned by one thread. A failed object is retried, with exponential backoff, when
+the failure can be transient (no association, no answer, out of resources); the report has one
+result per file and never raises for a peer that is down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pynetdicom.presentation import PresentationContext, build_context
+
+from anonpipe.config import LocalSettings, ResearchSettings
+from anonpipe.dimse import Status, configure_transfer, status_category
+from anonpipe.logs import get_logger
+from anonpipe.scu.association import MAX_CONTEXTS, PeerUnavailable, associate, describe
+from anonpipe.scu.find import QueryFailed, count_study
+
+__all__ = [
+    "FileResult",
+    "PushItem",
+    "PushReport",
+    "StudyVerification",
+    "push_files",
+    "push_tree",
+    "read_item",
+    "verify_studies",
+]
+
+log = get_logger(__name__)
+
+_STUDY_UID = Tag(0x0020, 0x000D)
+ResultHandler = Callable[["FileResult"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PushItem:
+    """One file to send, with what its header says."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    study_uid: str
+
+    @property
+    def context_key(self) -> tuple[str, str]:
+        return self.sop_class_uid, self.transfer_syntax
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    """What happened to one file: ``stored``, ``warning`` (stored, peer warned) or ``failed``."""
+
+    path: Path
+    outcome: str
+    status: int | None
+    attempts: int
+    study_uid: str = ""
+    sop_instance_uid: str = ""
+    error: str = ""
+
+    @property
+    def stored(self) -> bool:
+        return self.outcome in ("stored", "warning")
+
+
+@dataclass
+class PushReport:
+    """One result per file, in input order, and how long the push took."""
+
+    results: list[FileResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def stored(self) -> list[FileResult]:
+        return [r for r in self.results if r.stored]
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if not r.stored]
+
+    def expected_per_study(self) -> dict[str, int]:
+        """Distinct SOP instances per study among the files meant to be pushed."""
+        studies: dict[str, set[str]] = {}
+        for result in self.results:
+            if result.study_uid:
+                studies.setdefault(result.study_uid, set()).add(result.sop_instance_uid)
+        return {study: len(sops) for study, sops in studies.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StudyVerification:
+    """C-FIND on the research PACS against what we pushed; ``found`` None if it failed."""
+
+    study_uid: str
+    expected: int
+    found: int | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.found == self.expected
+
+
+def read_item(path: Path) -> PushItem:
+    """Read the file meta and the Study Instance UID of *path* (the header only).
+
+    Raises
+    ------
+    ValueError
+        If the file is not DICOM or lacks what sending needs.
+    """
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[_STUDY_UID])
+    except (InvalidDicomError, OSError, EOFError, TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+    meta = ds.file_meta
+    values = {
+        "sop_class_uid": meta.get("MediaStorageSOPClassUID"),
+        "sop_instance_uid": meta.get("MediaStorageSOPInstanceUID"),
+        "transfer_syntax": meta.get("TransferSyntaxUID"),
+    }
+    missing = [name for name, value in values.items() if not value]
+    if missing:
+        raise ValueError(f"file meta lacks {', '.join(missing)}")
+    sop_class, sop_instance, syntax = (str(v) for v in values.values())
+    return PushItem(path, sop_class, sop_instance, syntax, str(ds.get("StudyInstanceUID", "")))
+
+
+def push_tree(
+    local: LocalSettings, research: ResearchSettings, root: Path, **kwargs: object
+) -> PushReport:
+    """:func:`push_files` for every file under *root* (hidden files skipped), in sorted order."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return push_files(local, research, paths, **kwargs)  # type: ignore[arg-type]
+
+
+def push_files(
+    local: LocalSettings,
+    research: ResearchSettings,
+    paths: Iterable[Path],
+    *,
+    associations: int | None = None,
+    retries: int | None = None,
+    retry_backoff: float | None = None,
+    on_result: ResultHandler | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PushReport:
+    """C-STORE *paths* to *research*; retry what failed transiently; one result per file.
+
+    Parameters
+    ----------
+    local, research
+        Our AE and limits; the research PACS, and the defaults for the keywords below.
+    paths
+        The files (each a DICOM file with file meta).
+    associations : int, optional
+        Parallel associations (``research.push_associations``).
+    retries : int, optional
+        Extra rounds for failed files (``research.retries``).
+    retry_backoff : float, optional
+        Seconds before the first retry, doubled each round (``research.retry_backoff``).
+    on_result : callable, optional
+        Called once per file with its final result (from the calling thread).
+    """
+    configure_transfer()
+    start = time.monotonic()
+    associations = research.push_associations if associations is None else associations
+    retries = research.retries if retries is None else retries
+    retry_backoff = research.retry_backoff if retry_backoff is None else retry_backoff
+
+    results: dict[Path, FileResult] = {}
+    pending: list[PushItem] = []
+    ordered = list(paths)
+    for path in ordered:
+        try:
+            pending.append(read_item(path))
+        except ValueError as exc:
+            results[path] = FileResult(path, "failed", None, 0, error=str(exc))
+
+    attempts: dict[Path, int] = {}
+    for round_no in range(retries + 1):
+        if round_no:
+            delay = retry_backoff * 2 ** (round_no - 1)
+            log.warning(
+                "push retry",
+                peer=describe(research),
+                files=len(pending),
+                round=round_no,
+                of=retries,
+                delay_s=delay,
+            )
+            sleep(delay)
+        outcomes = _send_round(local, research, pending, associations)
+        retry: list[PushItem] = []
+        for item, status, error, transient in outcomes:
+            attempts[item.path] = attempts.get(item.path, 0) + 1
+            outcome = _outcome(status)
+            result = FileResult(
+                item.path,
+                outcome,
+                status,
+                attempts[item.path],
+                item.study_uid,
+                item.sop_instance_uid,
+                error,
+            )
+            results[item.path] = result
+            if outcome == "failed" and transient:
+                retry.append(item)
+        pending = retry
+        if not pending:
+            break
+
+    report = PushReport([results[p] for p in ordered], time.monotonic() - start)
+    if on_result is not None:
+        for result in report.results:
+            on_result(result)
+    level = log.warning if report.failed else log.info
+    level(
+        "push finished",
+        peer=describe(research),
+        files=len(report.results),
+        stored=len(report.stored),
+        failed=len(report.failed),
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def verify_studies(
+    local: LocalSettings, research: ResearchSettings, expected: Mapping[str, int]
+) -> list[StudyVerification]:
+    """Ask *research* how many instances it holds per study and compare with *expected*."""
+    checks: list[StudyVerification] = []
+    for study_uid, count in expected.items():
+        try:
+            found = count_study(local, research, study_uid)
+        except (PeerUnavailable, QueryFailed) as exc:
+            checks.append(StudyVerification(study_uid, count, None, str(exc)))
+            continue
+        checks.append(StudyVerification(study_uid, count, 0 if found is None else found.instances))
+    bad = [c for c in checks if not c.ok]
+    (log.warning if bad else log.info)(
+        "push verified", peer=describe(research), studies=len(checks), mismatched=len(bad)
+    )
+    return checks
+
+
+# -- sending ----------------------------------------------------------------------------------
+
+#: (item, status or None when nothing answered, error text, worth retrying)
+_Outcome = tuple[PushItem, int | None, str, bool]
+
+
+def _send_round(
+    local: LocalSettings, research: ResearchSettings, items: Sequence[PushItem], parallel: int
+) -> list[_Outcome]:
+    """Send *items* over up to *parallel* associations, each owned by one thread."""
+    if not items:
+        return []
+    shares = [list(items[i::parallel]) for i in range(min(parallel, len(items)))]
+    if len(shares) == 1:
+        return _send_share(local, research, shares[0])
+    with ThreadPoolExecutor(len(shares), thread_name_prefix="push") as pool:
+        done = pool.map(lambda share: _send_share(local, research, share), shares)
+        return [outcome for share in done for outcome in share]
+
+
+def _send_share(
+    local: LocalSettings, research: ResearchSettings, items: list[PushItem]
+) -> list[_Outcome]:
+    outcomes: list[_Outcome] = []
+    for batch, contexts in _batches(items):
+        try:
+            with associate(local, research, contexts) as assoc:
+                for index, item in enumerate(batch):
+                    if not assoc.is_established:
+                        lost = batch[index:]
+                        outcomes.extend((rest, None, "association lost", True) for rest in lost)
+                        break
+                    outcomes.append(_send_one(assoc, item))
+        except PeerUnavailable as exc:
+            sent = {id(o[0]) for o in outcomes}
+            outcomes.extend(
+                (item, None, exc.reason, True) for item in batch if id(item) not in sent
+            )
+    return outcomes
+
+
+def _send_one(assoc: object, item: PushItem) -> _Outcome:
+    try:
+        answer = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
+    except ValueError:
+        error = f"the peer accepts this SOP class in no context with syntax {item.transfer_syntax}"
+        return item, None, error, False
+    except (OSError, AttributeError) as exc:
+        return item, None, f"cannot send the file ({type(exc).__name__})", True
+    status = answer.get("Status") if answer else None
+    if status is None:
+        return item, None, "no C-STORE response (timeout or abort)", True
+    code = int(status)
+    if status_category(code) in ("success", "warning"):
+        return item, code, "", False
+    return item, code, f"status 0x{code:04X}", _transient(code)
+
+
+def _batches(items: list[PushItem]) -> list[tuple[list[PushItem], list[PresentationContext]]]:
+    """Split *items* (in order) into runs needing at most 128 distinct contexts each."""
+    batches: list[tuple[list[PushItem], list[PresentationContext]]] = []
+    current: list[PushItem] = []
+    keys: dict[tuple[str, str], None] = {}
+    for item in items:
+        if item.context_key not in keys and len(keys) == MAX_CONTEXTS:
+            batches.append((current, _contexts(keys)))
+            current, keys = [], {}
+        keys.setdefault(item.context_key, None)
+        current.append(item)
+    if current:
+        batches.append((current, _contexts(keys)))
+    return batches
+
+
+def _contexts(keys: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    return [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
+
+
+def _outcome(status: int | None) -> str:
+    if status is None:
+        return "failed"
+    category = status_category(status)
+    return {"success": "stored", "warning": "warning"}.get(category, "failed")
+
+
+def _transient(status: int) -> bool:
+    """Failure statuses worth another try: out of resources, a processing failure."""
+    return 0xA700 <= status <= 0xA7FF or status == Status.PROCESSING_FAILURE

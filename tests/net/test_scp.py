@@ -1,0 +1,222 @@
+"""The resident Storage SCP against real senders: DCMTK storescu/echoscu, pynetdicom, Orthanc."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from anonpipe.config import LocalSettings, Peer, ResearchSettings
+from anonpipe.dimse import Status
+from anonpipe.scp import Arrival, LandingError, LandingRegistry, StorageSCP
+from anonpipe.scu import push_files
+from tests.harness.dcmtk import DcmtkError, echoscu, storescu
+from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
+from tests.net.conftest import OUR_AE, start_scp
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file: everything after preamble and file meta."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    meta_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL value
+    return data[144 + meta_length :]
+
+
+def _pyscu_store(port: int, dataset: Dataset, calling: str = "PYSCU") -> int | None:
+    """C-STORE one dataset with pynetdicom; the response status, None if none came."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(LOOPBACK, port, ae_title=OUR_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(dataset)
+    finally:
+        assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def test_store_lands_every_syntax_unchanged(
+    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(
+        series_per_study=3, instances_per_series=4, transfer_syntaxes=ALL_TRANSFER_SYNTAXES
+    )
+    (study,) = manifest.studies
+    arrivals: list[Arrival] = []
+    landing_dir = tmp_path / "from_staging"
+    with registry.expect(study.study_instance_uid, landing_dir, arrivals.append) as landing:
+        storescu(scp.port, [manifest.root], called_aet=OUR_AE)
+        assert landing.landed == 12
+    landed = {p.name for p in landing_dir.iterdir()}
+    assert landed == {f"{uid}.dcm" for uid in manifest.sop_instance_uids}
+    assert {a.sop_instance_uid for a in arrivals} == set(manifest.sop_instance_uids)
+    for instance in manifest.instances:
+        out = dcmread(landing_dir / f"{instance.sop_instance_uid}.dcm")
+        sent = dcmread(instance.path)
+        # storescu may re-encode between uncompressed syntaxes; the content is what was sent.
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName"):
+            assert out[keyword].value == sent[keyword].value
+        if out.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID:
+            assert out.PixelData == sent.PixelData
+        assert out.file_meta.MediaStorageSOPInstanceUID == instance.sop_instance_uid
+    # Nothing left behind in the temporary folder, nothing hidden in the landing folder.
+    assert not [p for p in landing_dir.iterdir() if p.name.startswith(".")]
+    assert scp.status().landed == 12
+
+
+def test_received_bytes_are_written_without_decoding(
+    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    tmp_path: Path, local: LocalSettings,
+) -> None:
+    """Sent as-is from files (our push), every data set lands byte for byte, in its syntax."""
+    manifest = study_factory(
+        series_per_study=3, instances_per_series=2, transfer_syntaxes=ALL_TRANSFER_SYNTAXES
+    )
+    sender = replace(local, ae_title="PYSCU", port=free_port())
+    us = ResearchSettings(ae_title=OUR_AE, host=LOOPBACK, port=scp.port, retries=0)
+    landing_dir = tmp_path / "from_staging"
+    with registry.expect(manifest.studies[0].study_instance_uid, landing_dir):
+        report = push_files(sender, us, manifest.paths)
+    assert [r.outcome for r in report.results] == ["stored"] * 6
+    for instance in manifest.instances:
+        out = landing_dir / f"{instance.sop_instance_uid}.dcm"
+        assert _dataset_bytes(out) == _dataset_bytes(instance.path)
+        assert dcmread(out).file_meta.TransferSyntaxUID == instance.transfer_syntax_uid
+
+
+def test_unsolicited_store_is_refused(
+    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    expected = study_factory(series_per_study=1, instances_per_series=1)
+    other = study_factory(series_per_study=1, instances_per_series=2)
+    landing_dir = tmp_path / "from_staging"
+    with registry.expect(expected.studies[0].study_instance_uid, landing_dir) as landing:
+        with pytest.raises(DcmtkError):
+            storescu(scp.port, [other.root], called_aet=OUR_AE)
+        status = _pyscu_store(scp.port, dcmread(other.paths[0]))
+        assert landing.landed == 0
+    assert status == Status.REFUSED_NOT_AUTHORIZED
+    assert list(landing_dir.iterdir()) == []
+    # storescu stops at its first refused object; pynetdicom sent one more.
+    assert scp.status().refused == {"unsolicited: no pull expects it": 2}
+
+
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        ("SOPInstanceUID", "../../../../tmp/evil"),
+        ("SOPInstanceUID", "1.2.3/../../x"),
+        ("SeriesInstanceUID", "1.2/.."),
+        ("StudyInstanceUID", "../1.2.3"),
+    ],
+)
+def test_traversal_shaped_uid_is_refused(
+    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    tmp_path: Path, element: str, value: str,
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=1)
+    dataset = dcmread(manifest.paths[0])
+    setattr(dataset, element, value)
+    if element == "SOPInstanceUID":
+        dataset.file_meta.MediaStorageSOPInstanceUID = value
+    landing_dir = tmp_path / "run" / "from_staging"
+    with registry.expect(manifest.studies[0].study_instance_uid, landing_dir) as landing:
+        status = _pyscu_store(scp.port, dataset)
+        assert landing.landed == 0
+    assert status is not None and status >= 0xA000
+    assert list(landing_dir.iterdir()) == []
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+
+
+def test_unknown_calling_ae_and_wrong_host_are_rejected(
+    local: LocalSettings, registry: LandingRegistry
+) -> None:
+    # STAGING is allowed only from 10.9.8.7; we connect from 127.0.0.1.
+    peers = [Peer("STAGING", "10.9.8.7"), Peer("ECHOSCU", LOOPBACK)]
+    scp = start_scp(local, registry, peers)
+    try:
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="ECHOSCU")  # allowed peer answers
+        with pytest.raises(DcmtkError, match="(?i)reject"):
+            echoscu(scp.port, called_aet=OUR_AE, calling_aet="INTRUDER")
+        with pytest.raises(DcmtkError, match="(?i)reject"):
+            echoscu(scp.port, called_aet=OUR_AE, calling_aet="STAGING")
+        with pytest.raises(DcmtkError, match="(?i)reject"):
+            echoscu(scp.port, called_aet="SOMEONE", calling_aet="ECHOSCU")
+        rejected = scp.status().rejected_associations
+    finally:
+        scp.stop()
+    assert rejected == {
+        "calling AE title is not an allowed peer": 1,
+        "calling AE title is allowed, but not from this address": 1,
+        "called AE title is not ours": 1,
+    }
+
+
+def test_free_space_floor_answers_out_of_resources(
+    local: LocalSettings, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=1)
+    scp = start_scp(local, registry, [Peer("PYSCU", LOOPBACK)], min_free_bytes=2**62)
+    try:
+        landing_dir = tmp_path / "from_staging"
+        with registry.expect(manifest.studies[0].study_instance_uid, landing_dir) as landing:
+            status = _pyscu_store(scp.port, dcmread(manifest.paths[0]))
+            assert landing.refused == 1
+        assert status == Status.OUT_OF_RESOURCES
+        assert list(landing_dir.iterdir()) == []
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="PYSCU")  # still serving
+    finally:
+        scp.stop()
+
+
+def test_a_study_is_expected_by_one_pull_only(registry: LandingRegistry, tmp_path: Path) -> None:
+    with registry.expect("1.2.3", tmp_path / "a"):
+        with pytest.raises(LandingError, match="already"):
+            registry.register("1.2.3", tmp_path / "b")
+    with pytest.raises(LandingError, match="valid UID"):
+        registry.register("../1", tmp_path / "c")
+    assert registry.get("1.2.3") is None
+
+
+def test_stop_drains_an_active_association(
+    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=3)
+    landing_dir = tmp_path / "from_staging"
+    with registry.expect(manifest.studies[0].study_instance_uid, landing_dir) as landing:
+        ae = AE(ae_title="PYSCU")
+        for path in manifest.paths[:1]:
+            ds = dcmread(path)
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(LOOPBACK, scp.port, ae_title=OUR_AE)
+        assert assoc.is_established
+        stopped = threading.Event()
+        aborted: list[int] = []
+        stopper = threading.Thread(
+            target=lambda: (aborted.append(scp.stop(drain_timeout=20)), stopped.set())
+        )
+        stopper.start()
+        # The SCP no longer accepts, but the open association is served until released.
+        statuses = [int(assoc.send_c_store(dcmread(p)).Status) for p in manifest.paths]
+        assert not stopped.is_set()
+        assoc.release()
+        stopper.join(10)
+        assert landing.landed == 3
+    assert statuses == [0, 0, 0]
+    assert aborted == [0]
+    with pytest.raises(DcmtkError):
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="STORESCU", timeout=5)
