@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 
 from anonpipe.config import LocalSettings
@@ -72,9 +72,16 @@ def associate(
     ae.connection_timeout = peer.connect_timeout
     ae.maximum_pdu_size = local.max_pdu_size
     ae.requested_contexts = list(contexts)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=local.max_pdu_size)
+    connected: list[bool] = []
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        max_pdu=local.max_pdu_size,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+    )
     if not assoc.is_established:
-        raise PeerUnavailable(peer, _failure_reason(assoc, peer))
+        raise PeerUnavailable(peer, _failure_reason(assoc, peer, bool(connected)))
     try:
         yield assoc
     except BaseException:
@@ -85,7 +92,12 @@ def associate(
         assoc.release()
 
 
-def _failure_reason(assoc: Any, peer: Endpoint) -> str:
+def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> str:
+    if not connected:
+        return (
+            f"no connection (refused, or no answer within {peer.connect_timeout:g} s); "
+            "is the PACS running and its host and port right?"
+        )
     if assoc.is_rejected:
         primitive = getattr(assoc.acceptor, "primitive", None)
         if primitive is not None:
@@ -96,7 +108,4 @@ def _failure_reason(assoc: Any, peer: Endpoint) -> str:
         return "association rejected; check that it knows our AE title"
     if assoc.is_aborted:
         return "association aborted by the peer (no presentation context accepted?)"
-    return (
-        f"no association (connection refused, or no answer within {peer.connect_timeout:g} s); "
-        "is the PACS running and the host/port right?"
-    )
+    return f"no association response within {assoc.acse_timeout:g} s"

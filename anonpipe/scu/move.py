@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
 
 from anonpipe.config import LocalSettings
-from anonpipe.dimse import STUDY_ROOT_MOVE, Endpoint, status_category
+from anonpipe.dimse import STUDY_ROOT_MOVE, Endpoint, Status, status_category
 from anonpipe.durable import fsync_path
 from anonpipe.logs import get_logger
 from anonpipe.scp.landing import ArrivalHandler, LandingRegistry
@@ -282,11 +282,16 @@ def _judge(
         status, detail = "misrouted", "completed sub-operations that never reached us"
     elif final is None:
         status, detail = "incomplete", "no final C-MOVE response (timeout or abort)"
-    elif landed == 0 and refused == 0 and counters.failed > 0:
+    elif final == Status.MOVE_DESTINATION_UNKNOWN:
+        status = "undeliverable"
+        detail = "the staging PACS does not know our AE title as a move destination"
+    elif landed == refused == counters.completed == 0 and (
+        counters.failed > 0 or status_category(final) == "failure"
+    ):
         status = "undeliverable"
         detail = (
-            f"the PACS failed all {counters.failed} sub-operations and none reached us: check "
-            "its address for our AE title and the firewall"
+            f"final status 0x{final:04X}, {counters.failed} failed sub-operations and none "
+            "reached us: check the PACS's address for our AE title and the firewall"
         )
     elif status_category(final) == "success" and landed == expected == counters.completed:
         status, detail = "complete", ""

@@ -318,18 +318,14 @@ def _send_one(assoc: object, item: PushItem) -> _Outcome:
 
 
 def _batches(items: list[PushItem]) -> list[tuple[list[PushItem], list[PresentationContext]]]:
-    """Split *items* (in order) into runs needing at most 128 distinct contexts each."""
-    batches: list[tuple[list[PushItem], list[PresentationContext]]] = []
-    current: list[PushItem] = []
-    keys: dict[tuple[str, str], None] = {}
-    for item in items:
-        if item.context_key not in keys and len(keys) == MAX_CONTEXTS:
-            batches.append((current, _contexts(keys)))
-            current, keys = [], {}
-        keys.setdefault(item.context_key, None)
-        current.append(item)
-    if current:
-        batches.append((current, _contexts(keys)))
+    """Group *items* so each group needs at most 128 distinct contexts: as few associations
+    as the mix of SOP classes and transfer syntaxes allows (items keep their order within)."""
+    keys = list(dict.fromkeys(item.context_key for item in items))
+    batches = []
+    for first in range(0, len(keys), MAX_CONTEXTS):
+        chunk = set(keys[first : first + MAX_CONTEXTS])
+        members = [item for item in items if item.context_key in chunk]
+        batches.append((members, _contexts(k for k in keys if k in chunk)))
     return batches
 
 

@@ -66,7 +66,9 @@ def staging(staging_orthanc: OrthancServer, local: LocalSettings) -> StagingSett
     """Settings for the staging Orthanc, which knows our AE title at our SCP's address."""
     staging_orthanc.add_modality("anonpipe", OUR_AE, LOOPBACK, local.port)
     return StagingSettings(
-        ae_title=staging_orthanc.aet, host=LOOPBACK, port=staging_orthanc.dicom_port,
+        ae_title=staging_orthanc.aet,
+        host=LOOPBACK,
+        port=staging_orthanc.dicom_port,
         connect_timeout=5,
     )
 
@@ -75,8 +77,12 @@ def staging(staging_orthanc: OrthancServer, local: LocalSettings) -> StagingSett
 def research(research_orthanc: OrthancServer) -> ResearchSettings:
     """Settings for the research Orthanc; retries without waiting."""
     return ResearchSettings(
-        ae_title=research_orthanc.aet, host=LOOPBACK, port=research_orthanc.dicom_port,
-        connect_timeout=5, retries=2, retry_backoff=0.0,
+        ae_title=research_orthanc.aet,
+        host=LOOPBACK,
+        port=research_orthanc.dicom_port,
+        connect_timeout=5,
+        retries=2,
+        retry_backoff=0.0,
     )
 
 

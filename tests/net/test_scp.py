@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE
 
 from anonpipe.config import LocalSettings, Peer, ResearchSettings
@@ -46,7 +47,9 @@ def _pyscu_store(port: int, dataset: Dataset, calling: str = "PYSCU") -> int | N
 
 
 def test_store_lands_every_syntax_unchanged(
-    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
     tmp_path: Path,
 ) -> None:
     manifest = study_factory(
@@ -76,8 +79,11 @@ def test_store_lands_every_syntax_unchanged(
 
 
 def test_received_bytes_are_written_without_decoding(
-    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
-    tmp_path: Path, local: LocalSettings,
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+    local: LocalSettings,
 ) -> None:
     """Sent as-is from files (our push), every data set lands byte for byte, in its syntax."""
     manifest = study_factory(
@@ -96,7 +102,9 @@ def test_received_bytes_are_written_without_decoding(
 
 
 def test_unsolicited_store_is_refused(
-    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
     tmp_path: Path,
 ) -> None:
     expected = study_factory(series_per_study=1, instances_per_series=1)
@@ -123,14 +131,18 @@ def test_unsolicited_store_is_refused(
     ],
 )
 def test_traversal_shaped_uid_is_refused(
-    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
-    tmp_path: Path, element: str, value: str,
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+    element: str,
+    value: str,
 ) -> None:
     manifest = study_factory(series_per_study=1, instances_per_series=1)
     dataset = dcmread(manifest.paths[0])
     setattr(dataset, element, value)
     if element == "SOPInstanceUID":
-        dataset.file_meta.MediaStorageSOPInstanceUID = value
+        dataset.file_meta.MediaStorageSOPInstanceUID = UID(value)
     landing_dir = tmp_path / "run" / "from_staging"
     with registry.expect(manifest.studies[0].study_instance_uid, landing_dir) as landing:
         status = _pyscu_store(scp.port, dataset)
@@ -148,11 +160,11 @@ def test_unknown_calling_ae_and_wrong_host_are_rejected(
     scp = start_scp(local, registry, peers)
     try:
         echoscu(scp.port, called_aet=OUR_AE, calling_aet="ECHOSCU")  # allowed peer answers
-        with pytest.raises(DcmtkError, match="(?i)reject"):
+        with pytest.raises(DcmtkError, match=r"(?i)reject"):
             echoscu(scp.port, called_aet=OUR_AE, calling_aet="INTRUDER")
-        with pytest.raises(DcmtkError, match="(?i)reject"):
+        with pytest.raises(DcmtkError, match=r"(?i)reject"):
             echoscu(scp.port, called_aet=OUR_AE, calling_aet="STAGING")
-        with pytest.raises(DcmtkError, match="(?i)reject"):
+        with pytest.raises(DcmtkError, match=r"(?i)reject"):
             echoscu(scp.port, called_aet="SOMEONE", calling_aet="ECHOSCU")
         rejected = scp.status().rejected_associations
     finally:
@@ -165,7 +177,9 @@ def test_unknown_calling_ae_and_wrong_host_are_rejected(
 
 
 def test_free_space_floor_answers_out_of_resources(
-    local: LocalSettings, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    local: LocalSettings,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
     tmp_path: Path,
 ) -> None:
     manifest = study_factory(series_per_study=1, instances_per_series=1)
@@ -183,16 +197,17 @@ def test_free_space_floor_answers_out_of_resources(
 
 
 def test_a_study_is_expected_by_one_pull_only(registry: LandingRegistry, tmp_path: Path) -> None:
-    with registry.expect("1.2.3", tmp_path / "a"):
-        with pytest.raises(LandingError, match="already"):
-            registry.register("1.2.3", tmp_path / "b")
+    with registry.expect("1.2.3", tmp_path / "a"), pytest.raises(LandingError, match="already"):
+        registry.register("1.2.3", tmp_path / "b")
     with pytest.raises(LandingError, match="valid UID"):
         registry.register("../1", tmp_path / "c")
     assert registry.get("1.2.3") is None
 
 
 def test_stop_drains_an_active_association(
-    scp: StorageSCP, registry: LandingRegistry, study_factory: Callable[..., Manifest],
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
     tmp_path: Path,
 ) -> None:
     manifest = study_factory(series_per_study=1, instances_per_series=3)
@@ -206,9 +221,12 @@ def test_stop_drains_an_active_association(
         assert assoc.is_established
         stopped = threading.Event()
         aborted: list[int] = []
-        stopper = threading.Thread(
-            target=lambda: (aborted.append(scp.stop(drain_timeout=20)), stopped.set())
-        )
+
+        def stop() -> None:
+            aborted.append(scp.stop(drain_timeout=20))
+            stopped.set()
+
+        stopper = threading.Thread(target=stop)
         stopper.start()
         # The SCP no longer accepts, but the open association is served until released.
         statuses = [int(assoc.send_c_store(dcmread(p)).Status) for p in manifest.paths]

@@ -1,0 +1,190 @@
+"""Pulling from a real staging Orthanc through our SCP: exact accounting and misroute detection."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from anonpipe.config import LocalSettings, StagingSettings
+from anonpipe.scp import Arrival, LandingRegistry, StorageSCP
+from anonpipe.scu import (
+    MisrouteError,
+    MisrouteGuard,
+    PeerUnavailable,
+    PullBlocked,
+    count_study,
+    echo,
+    pull_study,
+)
+from tests.harness.dcmtk import StoreSCP
+from tests.harness.orthanc import OrthancServer
+from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
+from tests.net.conftest import OUR_AE
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_echo_staging_and_a_peer_that_is_down(
+    local: LocalSettings, staging: StagingSettings
+) -> None:
+    up = echo(local, staging)
+    assert up.ok and up.status == 0 and up.peer == f"STAGING@127.0.0.1:{staging.port}"
+    down = echo(local, replace(staging, port=free_port()))
+    assert not down.ok and "no connection (refused" in down.error
+
+
+def test_pull_counts_a_study_exactly(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(
+        series_per_study=3, instances_per_series=5, transfer_syntaxes=ALL_TRANSFER_SYNTAXES
+    )
+    noise = study_factory(series_per_study=1, instances_per_series=2)  # another study, not pulled
+    staging_orthanc.upload(manifest.paths + noise.paths)
+    study_uid = manifest.studies[0].study_instance_uid
+    arrivals: list[Arrival] = []
+    threads: set[str] = set()
+
+    def on_arrival(arrival: Arrival) -> None:
+        arrivals.append(arrival)
+        threads.add(threading.current_thread().name)
+
+    landing_dir = tmp_path / "run" / "from_staging"
+    result = pull_study(local, staging, registry, study_uid, landing_dir, on_arrival=on_arrival)
+
+    assert result.status == "complete", result.detail
+    assert (result.expected, result.expected_series) == (15, 3)
+    assert result.completed == result.landed == 15 and result.failed == 0
+    assert {p.name for p in landing_dir.iterdir()} == {
+        f"{uid}.dcm" for uid in manifest.sop_instance_uids
+    }
+    # Each file was reported as it landed, from the SCP's threads, not after the pull.
+    assert {a.sop_instance_uid for a in arrivals} == set(manifest.sop_instance_uids)
+    assert threading.current_thread().name not in threads
+    assert all(a.move_originator_ae == OUR_AE for a in arrivals)
+    assert len(registry) == 0  # the expectation ended with the pull
+
+
+def test_pull_of_an_unknown_study_and_of_a_down_staging(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    tmp_path: Path,
+) -> None:
+    result = pull_study(local, staging, registry, "1.2.3.4.5", tmp_path / "from_staging")
+    assert result.status == "not found" and result.landed == 0
+    assert count_study(local, staging, "1.2.3.4.5") is None
+    with pytest.raises(PeerUnavailable, match="no connection"):
+        pull_study(local, replace(staging, port=free_port()), registry, "1.2.3", tmp_path / "x")
+
+
+def test_misrouted_move_is_detected_and_blocks_further_pulls(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(series_per_study=2, instances_per_series=3)
+    staging_orthanc.upload(manifest.paths)
+    study_uid = manifest.studies[0].study_instance_uid
+    guard = MisrouteGuard(tmp_path / "misroute.json")
+    elsewhere = tmp_path / "elsewhere"
+    # Another machine answers to our AE title; staging maps ANONPIPE to it.
+    with StoreSCP(elsewhere, aet=OUR_AE) as wrong_host:
+        staging_orthanc.add_modality("anonpipe", OUR_AE, LOOPBACK, wrong_host.port)
+        with pytest.raises(MisrouteError, match="maps AE title ANONPIPE to another host or port"):
+            pull_study(
+                local,
+                staging,
+                registry,
+                study_uid,
+                tmp_path / "from_staging",
+                guard=guard,
+                grace=0.5,
+            )
+        assert len(wrong_host.received()) == 6  # where the images went instead
+    assert not list((tmp_path / "from_staging").iterdir())
+    assert guard.tripped is not None
+
+    # Refused until an operator acts, also after a restart (the latch is on disk).
+    staging_orthanc.add_modality("anonpipe", OUR_AE, LOOPBACK, local.port)
+    with pytest.raises(PullBlocked, match="pulls are stopped"):
+        pull_study(local, staging, registry, study_uid, tmp_path / "again", guard=guard)
+    restarted = MisrouteGuard(tmp_path / "misroute.json")
+    with pytest.raises(PullBlocked):
+        restarted.check()
+    assert study_uid not in (tmp_path / "misroute.json").read_text()
+
+    assert restarted.clear() is True
+    result = pull_study(local, staging, registry, study_uid, tmp_path / "again", guard=restarted)
+    assert result.status == "complete" and result.landed == 6
+
+
+def test_staging_that_cannot_reach_us_is_undeliverable_not_misrouted(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=2)
+    staging_orthanc.upload(manifest.paths)
+    staging_orthanc.add_modality("anonpipe", OUR_AE, LOOPBACK, free_port())  # nobody listens
+    guard = MisrouteGuard()
+    result = pull_study(
+        local,
+        staging,
+        registry,
+        manifest.studies[0].study_instance_uid,
+        tmp_path / "in",
+        guard=guard,
+        grace=0.5,
+    )
+    assert result.status == "undeliverable" and result.landed == 0
+    assert "address for our AE title" in result.detail
+    assert guard.tripped is None
+
+
+def test_refused_objects_make_a_pull_incomplete(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """A free-space floor refuses every object: the PACS counts failures, nothing is lost."""
+    manifest = study_factory(series_per_study=1, instances_per_series=3)
+    staging_orthanc.upload(manifest.paths)
+    scp.lander.min_free_bytes = 2**62
+    result = pull_study(
+        local,
+        staging,
+        registry,
+        manifest.studies[0].study_instance_uid,
+        tmp_path / "in",
+        grace=0.5,
+    )
+    # Orthanc gives up the whole move at the first refused sub-operation (final 0xC000).
+    assert result.status == "incomplete" and result.move_status is not None
+    assert result.refused >= 1 and result.landed == 0 and result.completed == 0
+    assert "refused" in result.detail
+    assert staging_orthanc.count_instances(manifest.studies[0].study_instance_uid) == 3

@@ -1,0 +1,148 @@
+"""Pushing to a real research Orthanc: every file lands, C-FIND agrees, a down peer is retried."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from anonpipe.config import LocalSettings, Peer, ResearchSettings
+from anonpipe.scp import LandingRegistry, StorageSCP
+from anonpipe.scu import FileResult, PushItem, push_files, push_tree, verify_studies
+from anonpipe.scu.store import _batches
+from tests.harness.orthanc import OrthancServer
+from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
+from tests.net.conftest import down_peer
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.mark.parametrize("associations", [1, 3])
+def test_push_lands_every_file_and_cfind_agrees(
+    local: LocalSettings,
+    research: ResearchSettings,
+    research_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    associations: int,
+) -> None:
+    manifest = study_factory(
+        patients=2,
+        series_per_study=2,
+        instances_per_series=4,
+        transfer_syntaxes=ALL_TRANSFER_SYNTAXES,
+    )
+    seen: list[FileResult] = []
+    report = push_tree(
+        local, research, manifest.root, associations=associations, on_result=seen.append
+    )
+    assert len(report.results) == 16 and not report.failed
+    assert [r.path for r in report.results] == sorted(manifest.paths)
+    assert all(r.outcome == "stored" and r.status == 0 and r.attempts == 1 for r in seen)
+    assert research_orthanc.sop_instance_uids() == set(manifest.sop_instance_uids)
+    checks = verify_studies(local, research, report.expected_per_study())
+    assert {c.study_uid for c in checks} == set(manifest.study_uids)
+    assert all(c.ok and c.found == 8 for c in checks)
+
+
+def test_verification_reports_a_missing_instance(
+    local: LocalSettings,
+    research: ResearchSettings,
+    research_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=3)
+    report = push_files(local, research, manifest.paths)
+    (study_uid,) = manifest.study_uids
+    research_orthanc.delete(f"/instances/{research_orthanc.instance_ids(study_uid)[0]}")
+    (check,) = verify_studies(local, research, report.expected_per_study())
+    assert (check.ok, check.expected, check.found) == (False, 3, 2)
+
+
+def test_research_down_is_retried_with_backoff_and_reported(
+    local: LocalSettings,
+    research: ResearchSettings,
+    study_factory: Callable[..., Manifest],
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=3)
+    waits: list[float] = []
+    down = down_peer(research)
+    report = push_files(
+        local, down, manifest.paths, retries=3, retry_backoff=0.5, sleep=waits.append
+    )
+    assert waits == [0.5, 1.0, 2.0]
+    assert len(report.failed) == 3 and not report.stored
+    assert all(r.attempts == 4 and r.status is None for r in report.results)
+    assert all("no connection" in r.error for r in report.results)
+    (check,) = verify_studies(local, down, {next(iter(manifest.study_uids)): 3})
+    assert not check.ok and check.found is None and "no connection" in check.error
+
+
+def test_research_coming_back_during_retries_gets_everything(
+    local: LocalSettings,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """The peer is down at first and starts during the backoff; the retry round delivers."""
+    manifest = study_factory(series_per_study=1, instances_per_series=3)
+    receiver_settings = replace(local, ae_title="RESEARCH", port=free_port())
+    target = ResearchSettings(ae_title="RESEARCH", host=LOOPBACK, port=receiver_settings.port)
+    registry = LandingRegistry()
+    receiver = StorageSCP(receiver_settings, [Peer(local.ae_title, LOOPBACK)], registry)
+    waits: list[float] = []
+
+    def start_receiver(seconds: float) -> None:
+        waits.append(seconds)
+        receiver.start()
+
+    try:
+        with registry.expect(next(iter(manifest.study_uids)), tmp_path / "received") as landing:
+            report = push_files(
+                local, target, manifest.paths, retry_backoff=0.1, sleep=start_receiver
+            )
+            assert landing.landed == 3
+    finally:
+        receiver.stop()
+    assert waits == [0.1]
+    assert not report.failed and all(r.attempts == 2 for r in report.results)
+
+
+def test_unreadable_file_fails_alone(
+    local: LocalSettings,
+    research: ResearchSettings,
+    research_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=2)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    report = push_files(local, research, [*manifest.paths, junk])
+    assert [r.outcome for r in report.results] == ["stored", "stored", "failed"]
+    assert (
+        report.results[2].attempts == 0 and "not a readable DICOM file" in report.results[2].error
+    )
+    assert len(research_orthanc.instances()) == 2
+
+
+def test_contexts_are_split_at_128_per_association() -> None:
+    items = [
+        PushItem(
+            Path(f"{n}.dcm"),
+            sop_class_uid=f"1.2.840.10008.5.1.4.1.1.{n % 200}",
+            sop_instance_uid=f"1.2.3.{n}",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            study_uid="1.2.3",
+        )
+        for n in range(300)
+    ]
+    batches = _batches(items)
+    # 200 SOP classes in one syntax: two associations, each item in the one proposing its class.
+    assert [len(contexts) for _, contexts in batches] == [128, 72]
+    for batch, contexts in batches:
+        assert {i.sop_class_uid for i in batch} == {c.abstract_syntax for c in contexts}
+    assert sorted(item.path for batch, _ in batches for item in batch) == sorted(
+        i.path for i in items
+    )
