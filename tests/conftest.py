@@ -5,13 +5,17 @@ See :mod:`tests.harness` for the classes behind them; benchmarks use those class
 
 from __future__ import annotations
 
+import io
+import logging
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from anonpipe import logs
 from tests.harness.orthanc import OrthancFactory, OrthancServer, wait_for_stopped
 from tests.harness.reviewdb import ReviewDB
 from tests.harness.studygen import Manifest, generate
@@ -97,3 +101,29 @@ def study_factory(
 def review_db(tmp_path: Path) -> ReviewDB:
     """An empty django-dicom-review database (prefix ``dicom_staging_``) in ``tmp_path``."""
     return ReviewDB.create(tmp_path / "review.db")
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Logging configured at debug, JSON into a buffer; restored afterwards."""
+    buffer = io.StringIO()
+    logs.configure_logging("debug", "json", stream=buffer, environ={})
+    yield buffer
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == "anonpipe":
+            root.removeHandler(handler)
+    logging.captureWarnings(False)
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _restore_pynetdicom_globals() -> Iterator[None]:
+    """Undo process-wide switches a test's SCP or push set (chunked transfer, the spool file)."""
+    from pynetdicom import _config, dimse_messages
+
+    flags = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET)
+    spool_factory = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+    yield
+    _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = flags
+    dimse_messages.NamedTemporaryFile = spool_factory  # type: ignore[attr-defined]

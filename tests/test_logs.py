@@ -26,20 +26,6 @@ from tests.harness.ports import free_port
 from tests.harness.studygen import generate
 
 
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """Logging configured at debug, JSON into a buffer; restored afterwards."""
-    buffer = io.StringIO()
-    logs.configure_logging("debug", "json", stream=buffer, environ={})
-    yield buffer
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if handler.get_name() == "anonpipe":
-            root.removeHandler(handler)
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
-
-
 def _exercise_network(paths: list[Path], find_name: str) -> None:
     """C-STORE files and a C-FIND by patient name over a real pynetdicom association."""
     log = logs.get_logger("anonpipe.test")

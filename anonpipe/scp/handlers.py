@@ -21,6 +21,7 @@ from anonpipe.dimse import Status
 from anonpipe.logs import get_logger
 from anonpipe.scp.lander import Lander, Refused, StoreRequest, Tally
 from anonpipe.scp.peers import PeerPolicy
+from anonpipe.scp.spool import spool_error
 
 __all__ = ["on_c_store", "on_requested"]
 
@@ -68,6 +69,7 @@ def on_c_store(event: Any, lander: Lander) -> int:
         association_id=id(event.assoc),
         move_originator_ae=_text(request.MoveOriginatorApplicationEntityTitle),
         move_originator_message_id=request.MoveOriginatorMessageID,
+        write_error=spool_error(request),
     )
     try:
         lander.land(store)

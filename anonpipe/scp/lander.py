@@ -55,6 +55,8 @@ class StoreRequest:
     association_id: int
     move_originator_ae: str | None = None
     move_originator_message_id: int | None = None
+    #: Set when writing the spool file failed (a full disk): the object is incomplete.
+    write_error: OSError | None = None
 
 
 class Tally:
@@ -104,6 +106,8 @@ class Lander:
         """
         landing: Landing | None = None
         try:
+            if request.write_error is not None:
+                raise request.write_error
             uids = _read_uids(request.temp_path)
             study_uid = uids.get("study", "")
             if not is_valid_uid(study_uid):

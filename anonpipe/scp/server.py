@@ -7,10 +7,12 @@ folders pulls registered in a :class:`~anonpipe.scp.landing.LandingRegistry`.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -18,6 +20,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer
 from anonpipe.logs import get_logger
+from anonpipe.scp import spool
 from anonpipe.scp.handlers import on_c_store, on_requested
 from anonpipe.scp.lander import Lander, Tally
 from anonpipe.scp.landing import LandingRegistry
@@ -56,6 +59,10 @@ class StorageSCP:
         Shared with the pulls: which studies are expected and where they land.
     min_free_bytes : int
         Refuse objects (Out of Resources) that would leave less free space than this.
+    spool_dir : Path or None
+        Our own folder for objects being received, on the landing filesystem (landing is then
+        a rename); spool files a previous process left there are deleted at start. None uses
+        ``TMPDIR`` (and sweeps nothing).
 
     Raises
     ------
@@ -70,12 +77,14 @@ class StorageSCP:
         registry: LandingRegistry,
         *,
         min_free_bytes: int = 0,
+        spool_dir: Path | None = None,
     ) -> None:
         self.local = local
         self.registry = registry
         self.policy = PeerPolicy(local.ae_title, peers)
         self.lander = Lander(registry, min_free_bytes)
         self.rejections = Tally()
+        self.spool_dir = spool_dir
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -116,6 +125,7 @@ class StorageSCP:
             if self._server is not None:
                 return
             configure_transfer()
+            self._prepare_spool()
             handlers = [
                 (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections]),
                 (evt.EVT_C_STORE, on_c_store, [self.lander]),
@@ -136,6 +146,16 @@ class StorageSCP:
             port=self.port,
             allowed_peers=list(self.policy.allowed_titles),
         )
+
+    def _prepare_spool(self) -> None:
+        if self.spool_dir is None:
+            spool.install(Path(tempfile.gettempdir()))
+            return
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        removed = spool.sweep(self.spool_dir)
+        if removed:
+            log.warning("unacknowledged partial objects removed", count=removed)
+        spool.install(self.spool_dir)
 
     def active_associations(self) -> int:
         server = self._server

@@ -6,6 +6,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def registry() -> LandingRegistry:
 
 
 def start_scp(
-    local: LocalSettings, registry: LandingRegistry, peers: list[Peer], **kwargs: int
+    local: LocalSettings, registry: LandingRegistry, peers: list[Peer], **kwargs: Any
 ) -> StorageSCP:
     scp = StorageSCP(local, peers, registry, **kwargs)
     scp.start()

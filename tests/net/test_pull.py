@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anonpipe.config import LocalSettings, StagingSettings
+from anonpipe.config import LocalSettings, ResearchSettings, StagingSettings
 from anonpipe.scp import Arrival, LandingRegistry, StorageSCP
 from anonpipe.scu import (
     MisrouteError,
@@ -19,8 +20,9 @@ from anonpipe.scu import (
     count_study,
     echo,
     pull_study,
+    push_files,
 )
-from tests.harness.dcmtk import StoreSCP
+from tests.harness.dcmtk import DcmtkError, StoreSCP, storescu
 from tests.harness.orthanc import OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
@@ -188,3 +190,38 @@ def test_refused_objects_make_a_pull_incomplete(
     assert result.refused >= 1 and result.landed == 0 and result.completed == 0
     assert "refused" in result.detail
     assert staging_orthanc.count_instances(manifest.studies[0].study_instance_uid) == 3
+
+
+def test_pull_push_and_refusals_log_no_identifiers(
+    log_output: io.StringIO,
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    research: ResearchSettings,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """At debug level, a pull, a push, an unsolicited store and a misroute leave no PHI."""
+    manifest = study_factory(series_per_study=2, instances_per_series=2)
+    unsolicited = study_factory(series_per_study=1, instances_per_series=1)
+    staging_orthanc.upload(manifest.paths + unsolicited.paths)
+    study_uid = manifest.studies[0].study_instance_uid
+    landing_dir = tmp_path / "from_staging"
+    assert pull_study(local, staging, registry, study_uid, landing_dir).complete
+    with pytest.raises(DcmtkError):
+        storescu(scp.port, unsolicited.paths, called_aet=OUR_AE)
+    assert not push_files(local, research, sorted(landing_dir.iterdir())).failed
+    with StoreSCP(tmp_path / "elsewhere", aet=OUR_AE) as wrong_host:
+        staging_orthanc.add_modality("anonpipe", OUR_AE, LOOPBACK, wrong_host.port)
+        with pytest.raises(MisrouteError):
+            pull_study(local, staging, registry, study_uid, tmp_path / "again", grace=0.2)
+
+    output = log_output.getvalue()
+    for event in ("pull finished", "object refused", "push finished", "misroute detected"):
+        assert event in output, f"{event!r} was not logged, so the test proves nothing"
+    leaked = manifest.find_planted(output.encode(), uids=True) | unsolicited.find_planted(
+        output.encode(), uids=True
+    )
+    assert not leaked, f"{len(leaked)} planted identifiers or UIDs reached the log"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -238,3 +239,52 @@ def test_stop_drains_an_active_association(
     assert aborted == [0]
     with pytest.raises(DcmtkError):
         echoscu(scp.port, called_aet=OUR_AE, calling_aet="STORESCU", timeout=5)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root / CAP_SYS_ADMIN; skipped otherwise), unmounted afterwards."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_full_disk_answers_out_of_resources_and_keeps_serving(
+    local: LocalSettings,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tiny_filesystem: Path,
+) -> None:
+    """Objects of 512 KiB into 1 MiB: the first lands, the rest get 0xA700, on the same
+    association, with nothing partial left behind; the SCP still answers afterwards."""
+    manifest = study_factory(series_per_study=1, instances_per_series=4, size=(512, 512))
+    spool_dir = tiny_filesystem / "incoming"
+    spool_dir.mkdir()
+    (spool_dir / "in-leftover.dcm").write_bytes(b"partial object of a crashed run")
+    scp = start_scp(local, registry, [Peer("PYSCU", LOOPBACK)], spool_dir=spool_dir)
+    try:
+        assert not (spool_dir / "in-leftover.dcm").exists()  # swept at start
+        sender = replace(local, ae_title="PYSCU", port=free_port())
+        us = ResearchSettings(ae_title=OUR_AE, host=LOOPBACK, port=scp.port, retries=0)
+        landing_dir = tiny_filesystem / "from_staging"
+        with registry.expect(manifest.studies[0].study_instance_uid, landing_dir) as landing:
+            report = push_files(sender, us, manifest.paths)
+            assert landing.landed == 1
+        assert [r.status for r in report.results] == [0, 0xA700, 0xA700, 0xA700]
+        assert report.seconds < 10  # answered, not timed out
+        assert list(spool_dir.iterdir()) == []
+        assert len(list(landing_dir.iterdir())) == 1
+        assert scp.status().refused == {"no space left on the landing filesystem": 3}
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="PYSCU")
+    finally:
+        scp.stop()

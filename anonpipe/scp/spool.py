@@ -1,0 +1,108 @@
+"""Where pynetdicom streams each received data set: a spool file in our own folder.
+
+pynetdicom (with ``STORE_RECV_CHUNKED_DATASET``) writes every incoming object, fragment by
+fragment, into a ``tempfile.NamedTemporaryFile`` in ``TMPDIR`` and hands the handler its path.
+Two things about that are not acceptable for a resident service, so the SCP swaps in
+:class:`SpoolFile` when it starts (:func:`install`), in this one place:
+
+- the file must be on the landing filesystem, so landing is a rename and not a second copy:
+  spool files go to a folder the SCP is given (the daemon uses ``<data_dir>/incoming``);
+- a full disk raised ``OSError`` inside pynetdicom's network thread, which killed the association
+  without an answer (the peer then waits out its timeout, and the partial file stayed). A
+  :class:`SpoolFile` keeps the error, empties itself and lets the transfer finish; the C-STORE
+  handler then answers Out of Resources (0xA700).
+
+The swap targets ``pynetdicom.dimse_messages.NamedTemporaryFile`` (pynetdicom 3.0); the full-disk
+test in ``tests/net`` fails if a pynetdicom release stops calling it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SpoolFile", "install", "spool_error", "sweep"]
+
+PREFIX = "in-"
+SUFFIX = ".dcm"
+
+_lock = threading.Lock()
+_directory: Path | None = None
+
+
+class SpoolFile:
+    """A write-only spool file that records, instead of raising, a failed write.
+
+    It offers what pynetdicom uses of a ``NamedTemporaryFile``: ``name``, ``write``,
+    ``file.flush()`` and ``close``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix=PREFIX, suffix=SUFFIX, dir=directory)
+        self.name = name
+        self._fd = fd
+        self.error: OSError | None = None
+
+    @property
+    def file(self) -> SpoolFile:
+        return self  # pynetdicom calls ``.file.flush()``
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Unbuffered: every ``write`` already reached the kernel."""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # give the space back at once
+
+
+def _spool_factory(*_args: Any, **_kwargs: Any) -> SpoolFile:
+    directory = _directory
+    if directory is None:
+        directory = Path(tempfile.gettempdir())
+    return SpoolFile(directory)
+
+
+def install(directory: Path) -> None:
+    """Make pynetdicom spool received data sets into *directory* through :class:`SpoolFile`."""
+    global _directory
+    from pynetdicom import dimse_messages
+
+    with _lock:
+        _directory = directory
+        setattr(dimse_messages, "NamedTemporaryFile", _spool_factory)  # noqa: B010
+
+
+def spool_error(request: Any) -> OSError | None:
+    """The write error of the C-STORE request's spool file, if writing it failed."""
+    spool = getattr(request, "_dataset_file", None)
+    return spool.error if isinstance(spool, SpoolFile) else None
+
+
+def sweep(directory: Path) -> int:
+    """Delete spool files left by a previous process (objects never acknowledged: the sender
+    retries them). Returns how many were removed."""
+    removed = 0
+    for leftover in directory.glob(f"{PREFIX}*{SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
