@@ -167,6 +167,38 @@ class _Progress:
             self.stream.write("\n")
 
 
+def _echo_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "peer",
+        nargs="?",
+        choices=("staging", "research", "all"),
+        default="all",
+        help="which configured PACS to C-ECHO (default: all)",
+    )
+
+
+def _echo(args: argparse.Namespace) -> int:
+    """C-ECHO the configured PACS as our AE title: checks their address and that they know us."""
+    from anonpipe.dimse import Endpoint
+    from anonpipe.logs import configure_logging
+    from anonpipe.scu import echo
+
+    settings = load_settings(args.config, os.environ)
+    configure_logging("error", settings.logging.format)  # type: ignore[arg-type]
+    peers: dict[str, Endpoint] = {"staging": settings.staging, "research": settings.research}
+    names = list(peers) if args.peer == "all" else [args.peer]
+    failed = 0
+    for name in names:
+        result = echo(settings.local, peers[name])
+        if result.ok:
+            print(f"{name}: {result.peer}: ok ({result.seconds * 1000:.0f} ms)")
+        else:
+            failed += 1
+            print(f"{name}: {result.peer}: FAILED: {result.error}")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         "check-config",
@@ -179,6 +211,12 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
         "de-identify a folder of DICOM files offline (same engine and identity store)",
         _anonymize_arguments,
         _anonymize,
+    ),
+    Subcommand(
+        "echo",
+        "C-ECHO the staging and/or research PACS with our AE title (no daemon needed)",
+        _echo_arguments,
+        _echo,
     ),
 )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from anonpipe import cli
 from anonpipe.config import LocalSettings, ResearchSettings, StagingSettings
 from anonpipe.scp import Arrival, LandingRegistry, StorageSCP
 from anonpipe.scu import (
@@ -225,3 +226,24 @@ def test_pull_push_and_refusals_log_no_identifiers(
         output.encode(), uids=True
     )
     assert not leaked, f"{len(leaked)} planted identifiers or UIDs reached the log"
+
+
+def test_echo_command_reports_each_peer(
+    local: LocalSettings,
+    staging: StagingSettings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "anonpipe.toml"
+    config.write_text(
+        f'[local]\nae_title = "{local.ae_title}"\n'
+        f'[staging]\nhost = "127.0.0.1"\nport = {staging.port}\n'
+        f'[research]\nhost = "127.0.0.1"\nport = {free_port()}\nconnect_timeout = 2\n'
+        f'[pipeline]\ndata_dir = "{tmp_path / "data"}"\n'
+    )
+    assert cli.main(["echo", "-c", str(config), "staging"]) == 0
+    assert "staging: STAGING@127.0.0.1" in capsys.readouterr().out
+    assert cli.main(["echo", "-c", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "staging: STAGING@127.0.0.1" in out and ": ok (" in out
+    assert "research: RESEARCH@127.0.0.1" in out and "FAILED: no connection" in out
