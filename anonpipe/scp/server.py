@@ -18,7 +18,7 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from anonpipe.config import LocalSettings, Peer
-from anonpipe.dimse import VERIFICATION, configure_transfer
+from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
 from anonpipe.scp import spool
 from anonpipe.scp.handlers import on_c_store, on_requested
@@ -129,6 +129,7 @@ class StorageSCP:
             handlers = [
                 (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections]),
                 (evt.EVT_C_STORE, on_c_store, [self.lander]),
+                (evt.EVT_CONN_OPEN, set_nodelay),
             ]
             ae = self._application_entity()
             address = (self.local.bind, self.local.port)

@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 
 from anonpipe.config import LocalSettings
-from anonpipe.dimse import Endpoint
+from anonpipe.dimse import Endpoint, set_nodelay
 
 __all__ = ["PeerUnavailable", "associate", "describe"]
 
@@ -78,7 +78,10 @@ def associate(
         peer.port,
         ae_title=peer.ae_title,
         max_pdu=local.max_pdu_size,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
+            (evt.EVT_CONN_OPEN, set_nodelay),
+        ],
     )
     if not assoc.is_established:
         raise PeerUnavailable(peer, _failure_reason(assoc, peer, bool(connected)))
