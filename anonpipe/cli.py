@@ -33,6 +33,14 @@ EXIT_USAGE: Final = 2
 Run = Callable[[argparse.Namespace], int]
 
 
+def _startup_errors() -> tuple[type[BaseException], ...]:
+    from anonpipe.anon.identity import IdentityError
+    from anonpipe.daemon.reviewdb import ReviewDatabaseError
+    from anonpipe.hooks import HookError
+
+    return (OSError, IdentityError, ReviewDatabaseError, HookError, RuntimeError)
+
+
 @dataclass(frozen=True, slots=True)
 class Subcommand:
     """One ``anonpipe NAME`` command: its help line, its options and what it runs."""
@@ -199,6 +207,81 @@ def _echo(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    """The resident service, in the foreground (systemd ``Type=notify``)."""
+    import asyncio
+
+    from anonpipe.daemon.service import Service
+    from anonpipe.logs import configure_logging
+
+    settings = load_settings(args.config, os.environ)
+    configure_logging(settings.logging.level, settings.logging.format)  # type: ignore[arg-type]
+    try:
+        asyncio.run(Service(settings).serve())
+    except _startup_errors() as exc:
+        print(f"anonpipe daemon: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _run_once_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "--max", type=int, metavar="N", help="at most N studies (pipeline.max_studies)"
+    )
+    parser.add_argument(
+        "--practice",
+        action="store_true",
+        help="no push, no review-DB writes, identity.db untouched",
+    )
+    parser.add_argument("--no-push", action="store_true", help="stop after the post-anon hook")
+
+
+def _run_once(args: argparse.Namespace) -> int:
+    """One whole run in the foreground (an unfinished run is resumed first), then exit."""
+    import asyncio
+
+    from anonpipe.daemon.runner import execute_run
+    from anonpipe.daemon.service import Service
+    from anonpipe.logs import configure_logging
+
+    settings = load_settings(args.config, os.environ)
+    configure_logging(settings.logging.level, settings.logging.format)  # type: ignore[arg-type]
+    if args.max is not None and args.max < 1:
+        print("anonpipe run-once: --max must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def once() -> str | None:
+        service = Service(settings)
+        await service.start(control=False)
+        try:
+            if service.pipeline is None:  # pragma: no cover - set by start()
+                return None
+            run = await service.store.unfinished_run()
+            result = await execute_run(
+                service.pipeline,
+                run,
+                max_studies=args.max,
+                practice=True if args.practice else None,
+                no_push=True if args.no_push else None,
+            )
+            if result is None:
+                print("nothing to do: no approved study is waiting")
+                return "done"
+            print(f"{result.name}: {result.state}" + (f" ({result.error})" if result.error else ""))
+            print(f"run directory: {result.path}")
+            return result.state
+        finally:
+            await service.stop()
+
+    try:
+        state = asyncio.run(once())
+    except _startup_errors() as exc:
+        print(f"anonpipe run-once: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK if state == "done" else EXIT_FAILURE
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         "check-config",
@@ -217,6 +300,18 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
         "C-ECHO the staging and/or research PACS with our AE title (no daemon needed)",
         _echo_arguments,
         _echo,
+    ),
+    Subcommand(
+        "daemon",
+        "run the resident service in the foreground (for systemd, Type=notify)",
+        _add_config_option,
+        _daemon,
+    ),
+    Subcommand(
+        "run-once",
+        "one whole run in the foreground (resuming an unfinished one first), then exit",
+        _run_once_arguments,
+        _run_once,
     ),
 )
 

@@ -94,10 +94,22 @@ def _init_worker(spec: EngineSpec) -> None:
     _worker = Engine(spec)
 
 
-def _run_one(task: tuple[Path, Path, Path]) -> Outcome:
+def run_in_worker(task: tuple[Path, Path, Path]) -> Outcome:
+    """De-identify ``(source, clean_dir, quarantine_dir)`` in a :func:`worker_pool` process
+    (no per-file fsync: the caller syncs once per batch)."""
     if _worker is None:  # pragma: no cover - the pool initializer always runs first
         raise RuntimeError("worker engine not initialised")
     return _worker.run(*task, durable=False)
+
+
+def worker_pool(spec: EngineSpec, jobs: int = 0) -> ProcessPoolExecutor:
+    """A process pool whose workers each hold an :class:`Engine`; submit :func:`run_in_worker`.
+
+    For a caller that feeds files as they arrive (the daemon) rather than a list up front. The
+    identity store is created here first (see :func:`run_batch`).
+    """
+    IdentityStore(spec.identity_db, spec.key, spec.shift_days).close()
+    return ProcessPoolExecutor(jobs or os.cpu_count() or 1, _context(), _init_worker, (spec,))
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -166,7 +178,7 @@ def run_batch(
             engine.close()
     else:
         with ProcessPoolExecutor(jobs, _context(), _init_worker, (spec,)) as pool:
-            for outcome in pool.map(_run_one, tasks, chunksize=16):
+            for outcome in pool.map(run_in_worker, tasks, chunksize=16):
                 report(outcome)
     if sync:
         os.sync()

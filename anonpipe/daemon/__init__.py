@@ -1,0 +1,1 @@
+"""The daemon: scheduler, run state machine, audit trail, control socket, systemd glue."""

@@ -1,0 +1,492 @@
+"""One run, as a resumable state machine: select → pull + de-identify → protocol check → hook →
+push → verify → write back → done.
+
+Every phase is idempotent and driven by the states in the :class:`StateStore`, so a run
+interrupted anywhere (kill -9, SIGTERM, pause) continues at its first unfinished step: studies
+already pulled are not pulled again, files already pushed are not pushed again (and anything the
+research PACS already holds is skipped), identity mappings already made are reused unchanged.
+Audit lines go to the run directory before the state that follows them is committed, and a line
+is never written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from anonpipe.anon.batch import EngineSpec, run_in_worker, worker_pool
+from anonpipe.anon.deidentify import Outcome
+from anonpipe.anon.identity import load_or_create_key
+from anonpipe.anon.quarantine import PROTOCOL_REASON
+from anonpipe.config import Settings
+from anonpipe.daemon import rundir as audit
+from anonpipe.daemon.reviewdb import ReviewDatabase
+from anonpipe.daemon.rundir import RunDir
+from anonpipe.daemon.state import FileRecord, RunRecord, StateStore, StudyRecord
+from anonpipe.hooks import Hook, HookError, run_hook
+from anonpipe.logs import get_logger
+from anonpipe.scp import Arrival, LandingRegistry
+from anonpipe.scu import (
+    MisrouteError,
+    MisrouteGuard,
+    PeerUnavailable,
+    QueryFailed,
+    list_instances,
+    pull_study,
+    push_files,
+    verify_studies,
+)
+
+__all__ = ["Pipeline", "RunStopped", "execute_run"]
+
+log = get_logger(__name__)
+
+#: Run states in order; ``stopped`` (pause or shutdown) and ``failed`` are resumable by
+#: ``restart-run``; a stopped run is also resumed by the scheduler once unpaused.
+RUN_PHASES = ("selecting", "pulling", "checking", "hooking", "pushing", "writing_back", "done")
+#: Failure reasons that are written back to the review DB (the others are retried next run).
+_REPORTED = ("never found", "every file was quarantined", "push failed", "verification failed")
+
+
+class RunStopped(Exception):
+    """The run stopped between steps because of a pause or shutdown; it resumes later."""
+
+
+@dataclass
+class Pipeline:
+    """What runs need, built once by the service."""
+
+    settings: Settings
+    store: StateStore
+    review: ReviewDatabase
+    registry: LandingRegistry
+    guard: MisrouteGuard
+    hook: Hook
+    should_stop: Callable[[], bool] = lambda: False
+    errors: list[str] = field(default_factory=list)
+
+    def note_error(self, message: str) -> None:
+        """Keep the last errors for ``status`` (no PHI in *message*)."""
+        self.errors.append(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}")
+        del self.errors[:-20]
+
+
+async def execute_run(
+    p: Pipeline,
+    run: RunRecord | None = None,
+    *,
+    max_studies: int | None = None,
+    practice: bool | None = None,
+    no_push: bool | None = None,
+) -> RunRecord | None:
+    """Start a new run (when *run* is None and there is work) or resume *run*; return it.
+
+    Raises
+    ------
+    RunStopped
+        When a pause or shutdown was requested; the run is left ``stopped`` and resumable.
+    """
+    pipe = p.settings.pipeline
+    if run is None:
+        run = await _select(
+            p,
+            max_studies or pipe.max_studies,
+            pipe.practice if practice is None else practice,
+            pipe.no_push if no_push is None else no_push,
+        )
+        if run is None:
+            return None
+    rdir = RunDir.open(run.path)
+    try:
+        await _pull_and_deidentify(p, run, rdir)
+        await _protocol_check(p, run, rdir)
+        await _hook(p, run, rdir)
+        if not run.practice and not run.no_push:
+            await _push(p, run, rdir)
+            await _write_back(p, run, rdir)
+        await _finish(p, run, rdir)
+    except RunStopped:
+        await p.store.set_run_state(run.name, "stopped")
+        raise
+    except MisrouteError as exc:
+        await p.store.set_run_state(run.name, "failed", f"misroute: {exc}")
+        p.note_error(f"{run.name}: pulls stopped: {exc}")
+        raise
+    except Exception as exc:
+        await p.store.set_run_state(run.name, "failed", f"{type(exc).__name__}: {exc}")
+        p.note_error(f"{run.name}: failed: {type(exc).__name__}: {exc}")
+        log.exception("run failed", run=run.name)
+    return await p.store.run(run.name)
+
+
+# -- select -------------------------------------------------------------------------------
+
+
+async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> RunRecord | None:
+    selection = await p.review.select(limit)
+    if not selection.picked:
+        return None
+    rdir = RunDir.create(p.settings.pipeline.data_dir)
+    await p.store.add_run(rdir.name, rdir.path, practice=practice, no_push=no_push)
+    rdir.overview(audit.starting(datetime.now()))
+    entries: list[tuple[str, tuple[str, ...], str | None]] = [
+        (c.original_study_uid, c.comments, None) for c in selection.picked
+    ]
+    entries += [
+        (h.candidate.original_study_uid, h.candidate.comments, h.reason) for h in selection.held
+    ]
+    rdir.write_lines("comments.txt", audit.comments_lines(entries))
+    rdir.write_lines("studies_to_retrieve.txt", [c.original_study_uid for c in selection.picked])
+    rdir.overview(audit.valid_reviewed(len(selection.picked)))
+    if selection.held:
+        rdir.overview(audit.held_back(len(selection.held)))
+    rows: list[tuple[int, str, str, bool, str, str | None]] = [
+        (c.id, c.original_study_uid, c.accession_no, c.has_protocol_series, "selected", None)
+        for c in selection.picked
+    ]
+    rows += [
+        (
+            h.candidate.id,
+            h.candidate.original_study_uid,
+            h.candidate.accession_no,
+            h.candidate.has_protocol_series,
+            "held",
+            h.reason,
+        )
+        for h in selection.held
+    ]
+    await p.store.add_studies(rdir.name, rows)
+    await p.store.set_run_state(rdir.name, "pulling")
+    log.info(
+        "run started",
+        run=rdir.name,
+        studies=len(selection.picked),
+        held=len(selection.held),
+        practice=practice,
+        no_push=no_push,
+    )
+    run = await p.store.run(rdir.name)
+    if run is None:  # pragma: no cover - just inserted
+        raise RuntimeError("run vanished from the state store")
+    return run
+
+
+# -- pull and de-identify -----------------------------------------------------------------
+
+
+def _engine_spec(p: Pipeline, run: RunRecord, rdir: RunDir) -> EngineSpec:
+    anon = p.settings.anon
+    identity_db = anon.identity_db
+    if run.practice:
+        # Practice never creates or changes identity.db: work on a throwaway copy.
+        identity_db = rdir.path / ".practice-identity.db"
+        if not identity_db.exists() and anon.identity_db.exists():
+            with (
+                sqlite3.connect(f"file:{anon.identity_db}?mode=ro", uri=True) as src,
+                sqlite3.connect(identity_db) as dst,
+            ):
+                src.backup(dst)
+        # ... and never create the key file either: an absent key means a throwaway one.
+        key = (
+            load_or_create_key(anon.key_file) if anon.key_file.exists() else secrets.token_bytes(32)
+        )
+    else:
+        key = load_or_create_key(anon.key_file)
+    return EngineSpec(
+        identity_db=identity_db,
+        key=key,
+        options=anon.options,
+        dates=anon.dates,
+        allowed_modalities=anon.allowed_modalities,
+        shift_days=anon.date_shift_days,
+        vocabulary=anon.limited_vocabulary,
+        safe_private=anon.safe_private,
+    )
+
+
+async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    studies = [s for s in await p.store.studies(run.name) if s.state in ("selected", "pulling")]
+    if studies:
+        pool = worker_pool(_engine_spec(p, run, rdir), p.settings.anon.jobs)
+        try:
+            for study in studies:
+                if p.should_stop():
+                    raise RunStopped
+                await _pull_one(p, run, rdir, study, pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    await p.store.set_run_state(run.name, "checking")
+    all_studies = await p.store.studies(run.name)
+    files = sum(s.landed for s in all_studies)
+    with_files = sum(1 for s in all_studies if s.landed)
+    _overview_once(rdir, audit.received(files, with_files))
+
+
+async def _pull_one(
+    p: Pipeline, run: RunRecord, rdir: RunDir, study: StudyRecord, pool: ProcessPoolExecutor
+) -> None:
+    loop = asyncio.get_running_loop()
+    await p.store.update_study(run.name, study.review_id, state="pulling")
+    landing_dir = rdir.from_staging / str(study.review_id)
+    landing_dir.mkdir(parents=True, exist_ok=True)
+    task = (rdir.to_production, rdir.quarantine)
+    submitted: dict[str, asyncio.Future[Outcome]] = {}
+
+    def submit(path: Path) -> None:
+        if path.name not in submitted and not path.name.startswith("."):
+            submitted[path.name] = loop.run_in_executor(pool, run_in_worker, (path, *task))
+
+    def on_arrival(arrival: Arrival) -> None:  # SCP thread: hand over to the loop
+        loop.call_soon_threadsafe(submit, arrival.path)
+
+    for leftover in sorted(landing_dir.iterdir()):  # landed before a crash
+        submit(leftover)
+    try:
+        result = await asyncio.to_thread(
+            pull_study,
+            p.settings.local,
+            p.settings.staging,
+            p.registry,
+            study.original_study_uid,
+            landing_dir,
+            on_arrival=on_arrival,
+            guard=p.guard,
+        )
+    except (PeerUnavailable, QueryFailed) as exc:
+        rdir.append("pull_output.txt", f"{study.review_id}\tnot pulled: {exc}")
+        await p.store.update_study(
+            run.name, study.review_id, state="failed", reason=f"staging PACS unavailable: {exc}"
+        )
+        p.note_error(f"{run.name}: study {study.review_id}: {exc}")
+        return
+    for path in sorted(landing_dir.iterdir()):
+        submit(path)
+    outcomes = [await future for future in submitted.values()]
+    await asyncio.to_thread(_sync)
+    records = [_record(study.review_id, o) for o in outcomes]
+    await p.store.add_files(run.name, records)
+    clean = [r for r in records if r.status == "clean"]
+    quarantined = [r for r in records if r.status != "clean"]
+    for record in quarantined:
+        output = Path(record.output).name if record.output else "-"
+        rdir.append(
+            "anonymize_output.txt", f"{study.review_id}\t{record.status}\t{output}\t{record.reason}"
+        )
+    cleaned_uid = clean[0].cleaned_study_uid if clean else None
+    rdir.append(
+        "anonymize_output.txt",
+        f"{study.review_id}\t{len(records)} files: {len(clean)} clean, "
+        f"{len(quarantined)} quarantined",
+    )
+    rdir.append(
+        "pull_output.txt",
+        f"{study.review_id}\t{result.status}\texpected {result.expected}"
+        f"\tcompleted {result.completed}\tfailed {result.failed}\tlanded {result.landed}"
+        + (f"\t{result.detail}" if result.detail else ""),
+    )
+    state, reason = "deidentified", None
+    if result.status == "not found":
+        state, reason = "failed", "never found in the staging PACS"
+    elif not result.complete:
+        state, reason = "failed", f"pull {result.status}: {result.detail}"
+    elif not clean:
+        reasons = Counter(r.reason or "unknown" for r in quarantined)
+        listed = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
+        state, reason = "failed", f"every file was quarantined ({listed})"
+    await p.store.update_study(
+        run.name,
+        study.review_id,
+        state=state,
+        reason=reason,
+        expected=result.expected,
+        landed=len(records),
+        clean=len(clean),
+        quarantined=len(quarantined),
+        cleaned_study_uid=cleaned_uid,
+    )
+    if reason:
+        p.note_error(f"{run.name}: study {study.review_id}: {reason}")
+
+
+def _sync() -> None:
+    os.sync()
+
+
+def _record(review_id: int, outcome: Outcome) -> FileRecord:
+    return FileRecord(
+        review_id=review_id,
+        name=outcome.source.name,
+        status=outcome.status,
+        output=str(outcome.output) if outcome.output else None,
+        reason=outcome.reason,
+        cleaned_study_uid=outcome.study_uid if outcome.status == "clean" else None,
+        sop_instance_uid=outcome.sop_instance_uid if outcome.status == "clean" else None,
+        modality=outcome.modality,
+        sop_class=outcome.sop_class_uid,
+        series_uid=outcome.series_uid if outcome.status == "clean" else None,
+    )
+
+
+# -- protocol check and hook --------------------------------------------------------------
+
+
+async def _protocol_check(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    if p.should_stop():
+        raise RunStopped
+    studies = await p.store.studies(run.name)
+    files = await p.store.files(run.name)
+    by_id = {s.review_id: s for s in studies}
+    found_ids = {f.review_id for f in files if f.reason == PROTOCOL_REASON}
+    reviewed = [s for s in studies if s.has_protocol_series and s.state != "held"]
+    found = [by_id[i] for i in sorted(found_ids)]
+    missing = [s for s in reviewed if s.review_id not in found_ids]
+    rdir.write_lines("reviewed_protocol_studies.txt", [s.original_study_uid for s in reviewed])
+    rdir.write_lines("found_protocol_studies.txt", [s.original_study_uid for s in found])
+    rdir.write_lines("missing_protocol_studies.txt", [s.original_study_uid for s in missing])
+    _overview_once(rdir, audit.protocol_summary(len(reviewed), len(found)))
+    if missing:
+        _overview_once(rdir, audit.protocol_missing(len(missing)))
+    await p.store.set_run_state(run.name, "hooking")
+
+
+async def _hook(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    if p.should_stop():
+        raise RunStopped
+    output = "post_anon_output_practice.txt" if run.practice else "post_anon_output.txt"
+    if not rdir.has(output):
+        try:
+            text = await asyncio.to_thread(
+                run_hook, p.hook, rdir.path, rdir.overview_stream(), run.practice
+            )
+        except HookError as exc:
+            rdir.write_lines(output, [f"hook failed: {exc}"])
+            raise
+        rdir.write_lines(output, text.splitlines())
+    if run.practice:
+        for study in await p.store.studies(run.name):
+            if study.state == "deidentified":
+                await p.store.update_study(run.name, study.review_id, state="practiced")
+    await p.store.set_run_state(run.name, "pushing")
+
+
+# -- push, verify, write back -------------------------------------------------------------
+
+
+async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    settings = p.settings
+    for study in await p.store.studies(run.name):
+        if study.state not in ("deidentified", "pushing") or not study.cleaned_study_uid:
+            continue
+        if p.should_stop():
+            raise RunStopped
+        await p.store.update_study(run.name, study.review_id, state="pushing")
+        files = [f for f in await p.store.files(run.name, study.review_id) if f.status == "clean"]
+        try:
+            present = await asyncio.to_thread(
+                list_instances, settings.local, settings.research, study.cleaned_study_uid
+            )
+        except (PeerUnavailable, QueryFailed):
+            present = set()
+        already = [f for f in files if f.sop_instance_uid in present]
+        todo = [f for f in files if f.sop_instance_uid not in present and f.output]
+        if already:
+            await p.store.mark_pushed(run.name, study.review_id, [f.name for f in already])
+        report = await asyncio.to_thread(
+            push_files, settings.local, settings.research, [Path(f.output or "") for f in todo]
+        )
+        stored_paths = {r.path for r in report.stored}
+        stored = [f.name for f in todo if Path(f.output or "") in stored_paths]
+        await p.store.mark_pushed(run.name, study.review_id, stored)
+        for failure in report.failed:
+            rdir.append(
+                "push_output.txt",
+                f"{study.cleaned_study_uid}\tfailed\t{failure.path.name}\t{failure.error}",
+            )
+        pushed = len(already) + len(stored)
+        rdir.append(
+            "push_output.txt",
+            f"{study.cleaned_study_uid}\t{pushed} of {len(files)} "
+            f"files in the research PACS ({len(already)} were already there)",
+        )
+        (check,) = await asyncio.to_thread(
+            verify_studies,
+            settings.local,
+            settings.research,
+            {study.cleaned_study_uid: len(files)},
+        )
+        if report.failed:
+            state = "failed"
+            reason = (
+                f"push failed after retries: {len(report.failed)} of {len(files)} files not stored"
+            )
+        elif not check.ok:
+            state = "failed"
+            reason = (
+                f"verification failed: the research PACS holds {check.found} of "
+                f"{len(files)} instances{': ' + check.error if check.error else ''}"
+            )
+        else:
+            state, reason = "verified", None
+        rdir.append(
+            "push_output.txt",
+            f"{study.cleaned_study_uid}\tverified: {check.found} of {len(files)}\t{state}",
+        )
+        await p.store.update_study(
+            run.name, study.review_id, state=state, reason=reason, pushed=pushed
+        )
+        if reason:
+            p.note_error(f"{run.name}: study {study.review_id}: {reason}")
+    await p.store.set_run_state(run.name, "writing_back")
+
+
+async def _write_back(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    now = datetime.now().replace(microsecond=0)
+    for study in await p.store.studies(run.name):
+        if study.state == "verified":
+            files = [
+                f for f in await p.store.files(run.name, study.review_id) if f.status == "clean"
+            ]
+            series = {f.series_uid for f in files}
+            first = files[0] if files else None
+            await p.review.mark_published(
+                study.review_id,
+                when=now,
+                study_uid=study.cleaned_study_uid,
+                number_of_series=len(series),
+                total_images=len(files),
+                modality=first.modality if first else None,
+                sop_class=first.sop_class if first else None,
+            )
+            await p.store.update_study(run.name, study.review_id, state="published")
+        elif study.state == "failed" and (study.reason or "").startswith(_REPORTED):
+            await p.review.mark_failed(study.review_id, study.reason or "failed", when=now)
+            await p.store.update_study(run.name, study.review_id, state="failed-reported")
+    published = sum(1 for s in await p.store.studies(run.name) if s.state == "published")
+    _overview_once(rdir, audit.push_completed(now), prefix="Push completed at ")
+    _overview_once(rdir, audit.pushed(published))
+
+
+async def _finish(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    rdir.finish(f"Finished at {datetime.now():%Y-%m-%d %H:%M}")
+    practice_db = rdir.path / ".practice-identity.db"
+    for leftover in (practice_db, Path(f"{practice_db}-wal"), Path(f"{practice_db}-shm")):
+        leftover.unlink(missing_ok=True)
+    await p.store.set_run_state(run.name, "done")
+    log.info("run done", run=run.name)
+
+
+def _overview_once(rdir: RunDir, line: str, prefix: str | None = None) -> None:
+    """Append *line* unless it (or a line starting with *prefix*) is already there (resume)."""
+    existing = rdir.read_lines("overview.txt")
+    if prefix is not None and any(x.startswith(prefix) for x in existing):
+        return
+    if line not in existing:
+        rdir.overview(line)

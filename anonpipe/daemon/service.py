@@ -1,0 +1,287 @@
+"""The service lifecycle: start (stores, SCP, control socket, READY=1), run (the scheduler), stop.
+
+Like uvicorn's ``Server``: :meth:`Service.start` opens everything in dependency order and fails
+early with a clear message, :meth:`Service.run` loops until its shutdown trigger fires, and
+:meth:`Service.stop` closes in reverse order (STOPPING=1, no new work, drain the SCP's open
+associations, close the stores). Signal handlers only set the trigger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from anonpipe.config import Settings
+from anonpipe.daemon.control import ControlServer
+from anonpipe.daemon.notify import Notifier
+from anonpipe.daemon.reviewdb import ReviewDatabase
+from anonpipe.daemon.rundir import RunDir
+from anonpipe.daemon.runner import Pipeline, RunStopped, execute_run
+from anonpipe.daemon.state import StateStore
+from anonpipe.dimse import Endpoint
+from anonpipe.hooks import resolve_hook
+from anonpipe.logs import get_logger
+from anonpipe.scp import LandingRegistry, StorageSCP
+from anonpipe.scu import MisrouteError, MisrouteGuard, echo
+
+__all__ = ["Service", "state_store_path"]
+
+log = get_logger(__name__)
+
+
+def state_store_path(settings: Settings) -> Path:
+    """``state.db`` beside the data folder (never inside a run directory)."""
+    return settings.pipeline.data_dir / "state.db"
+
+
+class Service:
+    """The resident daemon (``anonpipe daemon``) and the engine of ``anonpipe run-once``."""
+
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.notifier = notifier or Notifier()
+        self.store = StateStore(state_store_path(settings))
+        self.review = ReviewDatabase(settings.review.database, settings.review.table_prefix)
+        self.registry = LandingRegistry()
+        data_dir = settings.pipeline.data_dir
+        self.guard = MisrouteGuard(data_dir / "misroute.json")
+        self.scp = StorageSCP(
+            settings.local,
+            settings.allowed_peers,
+            self.registry,
+            min_free_bytes=settings.local.min_free_mb * 2**20,
+            spool_dir=data_dir / "incoming",
+        )
+        self.control: ControlServer | None = None
+        self.paused = False
+        self.stopping = False
+        self.current: str | None = None
+        self.peers: dict[str, Any] = {}
+        self._poll = asyncio.Event()
+        self._shutdown: asyncio.Event | None = None
+        self.pipeline: Pipeline | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, *, control: bool = True) -> None:
+        """Open the stores, start the SCP and the control socket, then tell systemd READY=1."""
+        hook = resolve_hook(
+            self.settings.pipeline.post_anon_hook, self.settings.pipeline.hook_files
+        )
+        await self.review.check()
+        await self.store.open()
+        self.pipeline = Pipeline(
+            self.settings,
+            self.store,
+            self.review,
+            self.registry,
+            self.guard,
+            hook,
+            should_stop=lambda: self.paused or self.stopping,
+        )
+        self.scp.start()
+        if control:
+            self.control = ControlServer(self.settings.control.socket, self._handlers())
+            await self.control.start()
+        self.notifier.ready(self._status_line())
+        log.info("service started", scp_port=self.scp.port, paused=self.paused)
+
+    async def stop(self) -> None:
+        """STOPPING=1, stop taking work, drain the SCP, close the control socket and stores."""
+        self.stopping = True
+        self.notifier.stopping("stopping: draining associations")
+        if self.control is not None:
+            await self.control.stop()
+        await asyncio.to_thread(self.scp.stop, 30.0)
+        await self.store.close()
+        log.info("service stopped")
+
+    async def run(self, shutdown: asyncio.Event, *, once: bool = False) -> None:
+        """Poll and run until *shutdown* is set (or, with *once*, after one run)."""
+        self._shutdown = shutdown
+        watchdog = asyncio.create_task(self.notifier.watchdog_loop(lambda: not shutdown.is_set()))
+        try:
+            while not shutdown.is_set():
+                await self._cycle()
+                if once:
+                    return
+                self._poll.clear()
+                waits = [
+                    asyncio.create_task(shutdown.wait()),
+                    asyncio.create_task(self._poll.wait()),
+                ]
+                await asyncio.wait(
+                    waits,
+                    timeout=self.settings.review.poll_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in waits:
+                    task.cancel()
+        finally:
+            watchdog.cancel()
+
+    async def serve(self) -> None:
+        """start → run until SIGTERM/SIGINT → stop (``anonpipe daemon``)."""
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, shutdown.set)
+        await self.start()
+        try:
+            await self.run(shutdown)
+        finally:
+            self.stopping = True
+            await self.stop()
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    async def _cycle(self) -> None:
+        """Resume an unfinished run, or start a new one if there is work; one at a time."""
+        if self.pipeline is None or self.paused:
+            return
+        if self.guard.tripped:
+            self.notifier.status(f"blocked: {self.guard.tripped}")
+            return
+        await self._echo_peers()
+        run = await self.store.unfinished_run()
+        try:
+            self.current = run.name if run else None
+            self.notifier.status(self._status_line())
+            result = await execute_run(self.pipeline, run)
+            if result is not None:
+                self.current = result.name
+        except RunStopped:
+            log.info("run stopped; it resumes later", run=self.current)
+        except MisrouteError:
+            self.paused = True
+        finally:
+            self.notifier.status(self._status_line())
+
+    async def _echo_peers(self) -> None:
+        for name, peer in (
+            ("staging", self.settings.staging),
+            ("research", self.settings.research),
+        ):
+            result = await asyncio.to_thread(echo, self.settings.local, peer)
+            self.peers[name] = {"peer": result.peer, "ok": result.ok, "error": result.error}
+
+    def _status_line(self) -> str:
+        if self.guard.tripped:
+            return "blocked: misroute detected, pulls stopped"
+        if self.paused:
+            return "paused"
+        return f"running {self.current}" if self.current else "idle"
+
+    # -- control ----------------------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "status": self._status,
+            "runs": self._runs,
+            "show": self._show,
+            "restart-run": self._restart,
+            "pause": self._pause,
+            "resume": self._resume,
+            "poll": self._poll_now,
+            "echo": self._echo,
+        }
+
+    async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        runs = await self.store.runs()
+        latest = runs[-1] if runs else None
+        studies = await self._study_rows(latest.name) if latest else []
+        return {
+            "state": self._status_line(),
+            "misroute": self.guard.tripped,
+            "run": None
+            if latest is None
+            else {"name": latest.name, "state": latest.state, "error": latest.error},
+            "studies": studies,
+            "scp": asdict(self.scp.status()),
+            "peers": self.peers,
+            "errors": list(self.pipeline.errors if self.pipeline else []),
+        }
+
+    async def _study_rows(self, run: str) -> list[dict[str, Any]]:
+        # Review ids and counts only: no original UIDs or accession numbers on the socket.
+        return [
+            {
+                "study": s.review_id,
+                "step": s.state,
+                "expected": s.expected,
+                "landed": s.landed,
+                "clean": s.clean,
+                "quarantined": s.quarantined,
+                "pushed": s.pushed,
+                "reason": s.reason,
+            }
+            for s in await self.store.studies(run)
+        ]
+
+    async def _runs(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": r.name,
+                "state": r.state,
+                "practice": r.practice,
+                "started": r.started,
+                "finished": r.finished,
+                "error": r.error,
+            }
+            for r in await self.store.runs()
+        ]
+
+    async def _show(self, args: dict[str, Any]) -> dict[str, Any]:
+        record = await self.store.run(str(args.get("run", "")))
+        if record is None:
+            raise ValueError(f"no run named {args.get('run')!r}; see `anonpipectl runs`")
+        return {
+            "name": record.name,
+            "state": record.state,
+            "error": record.error,
+            "path": str(record.path),
+            "studies": await self._study_rows(record.name),
+            "overview": RunDir.open(record.path).read_lines("overview.txt"),
+        }
+
+    async def _restart(self, args: dict[str, Any]) -> str:
+        runs = await self.store.runs()
+        name = args.get("run") or (runs[-1].name if runs else None)
+        record = await self.store.run(str(name)) if name else None
+        if record is None:
+            raise ValueError("no such run; see `anonpipectl runs`")
+        if record.state == "done":
+            raise ValueError(f"{record.name} is done; nothing to restart")
+        await self.store.set_run_state(record.name, "stopped")
+        self._poll.set()
+        return f"{record.name} will resume at its first unfinished step"
+
+    async def _pause(self, _args: dict[str, Any]) -> str:
+        self.paused = True
+        self.notifier.status(self._status_line())
+        return "paused: the current step finishes, nothing new starts"
+
+    async def _resume(self, _args: dict[str, Any]) -> str:
+        cleared = self.guard.clear()
+        self.paused = False
+        self._poll.set()
+        self.notifier.status(self._status_line())
+        return "resumed" + (" (misroute guard cleared)" if cleared else "")
+
+    async def _poll_now(self, _args: dict[str, Any]) -> str:
+        self._poll.set()
+        return "polling the review database now"
+
+    async def _echo(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = str(args.get("peer", ""))
+        peers: dict[str, Endpoint] = {
+            "staging": self.settings.staging,
+            "research": self.settings.research,
+        }
+        if name not in peers:
+            raise ValueError("peer must be staging or research")
+        result = await asyncio.to_thread(echo, self.settings.local, peers[name])
+        return asdict(result)

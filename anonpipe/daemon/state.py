@@ -1,0 +1,330 @@
+"""The state store: runs, their studies and files, and the step each is at (SQLite, WAL).
+
+This is the machine truth the daemon resumes from after a crash; the run directory's text files
+are the human audit trail. A transition is written here (committed) before the next step starts.
+It holds original Study Instance UIDs and accession numbers, so the file is created 0600 and lives
+beside the data folder, never inside a run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+__all__ = ["FileRecord", "RunRecord", "StateStore", "StudyRecord"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    practice INTEGER NOT NULL,
+    no_push INTEGER NOT NULL,
+    started TEXT NOT NULL,
+    finished TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS studies (
+    run TEXT NOT NULL REFERENCES runs(name),
+    review_id INTEGER NOT NULL,
+    original_study_uid TEXT NOT NULL,
+    accession_no TEXT NOT NULL,
+    has_protocol_series INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    expected INTEGER,
+    landed INTEGER NOT NULL DEFAULT 0,
+    clean INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    pushed INTEGER NOT NULL DEFAULT 0,
+    cleaned_study_uid TEXT,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (run, review_id)
+);
+CREATE TABLE IF NOT EXISTS files (
+    run TEXT NOT NULL,
+    review_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    output TEXT,
+    reason TEXT,
+    cleaned_study_uid TEXT,
+    sop_instance_uid TEXT,
+    modality TEXT,
+    sop_class TEXT,
+    series_uid TEXT,
+    pushed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run, review_id, name)
+);
+"""
+
+#: Study states, in order; ``held`` and ``failed`` end a study early.
+STUDY_STATES = (
+    "selected",
+    "pulling",
+    "deidentified",
+    "pushing",
+    "verified",
+    "published",
+    "held",
+    "failed",
+    "practiced",
+)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    name: str
+    path: Path
+    state: str
+    practice: bool
+    no_push: bool
+    started: str
+    finished: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRecord:
+    """One study of a run. ``original_study_uid`` and ``accession_no`` are PHI: never log them."""
+
+    run: str
+    review_id: int
+    original_study_uid: str
+    accession_no: str
+    has_protocol_series: bool
+    state: str
+    reason: str | None
+    expected: int | None
+    landed: int
+    clean: int
+    quarantined: int
+    pushed: int
+    cleaned_study_uid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One landed file's outcome: ``status`` is clean, quarantined or error."""
+
+    review_id: int
+    name: str
+    status: str
+    output: str | None
+    reason: str | None
+    cleaned_study_uid: str | None
+    sop_instance_uid: str | None
+    modality: str | None
+    sop_class: str | None
+    series_uid: str | None
+    pushed: bool = False
+
+
+class StateStore:
+    """Async access to the state store; one connection, owned by the event loop's thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = await aiosqlite.connect(self.path)
+        self._db.row_factory = aiosqlite.Row
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=FULL")
+        await self._db.executescript(_SCHEMA)
+        await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("state store is not open")
+        return self._db
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self.db.execute(sql, params)
+        await self.db.commit()
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def add_run(self, name: str, path: Path, *, practice: bool, no_push: bool) -> None:
+        await self._write(
+            "INSERT INTO runs (name, path, state, practice, no_push, started) VALUES (?,?,?,?,?,?)",
+            (name, str(path), "selecting", int(practice), int(no_push), _now()),
+        )
+
+    async def set_run_state(self, name: str, state: str, error: str | None = None) -> None:
+        finished = _now() if state in ("done", "failed") else None
+        await self._write(
+            "UPDATE runs SET state = ?, error = ?, finished = COALESCE(?, finished) WHERE name = ?",
+            (state, error, finished, name),
+        )
+
+    async def runs(self) -> list[RunRecord]:
+        async with self.db.execute("SELECT * FROM runs ORDER BY started, name") as cursor:
+            rows = await cursor.fetchall()
+        return [_run(row) for row in rows]
+
+    async def run(self, name: str) -> RunRecord | None:
+        async with self.db.execute("SELECT * FROM runs WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _run(row)
+
+    async def unfinished_run(self) -> RunRecord | None:
+        """The newest run that is neither done nor failed (a crash or stop interrupted it)."""
+        runs = [r for r in await self.runs() if r.state not in ("done", "failed")]
+        return runs[-1] if runs else None
+
+    # -- studies ---------------------------------------------------------------------------
+
+    async def add_studies(
+        self, run: str, rows: Iterable[tuple[int, str, str, bool, str, str | None]]
+    ) -> None:
+        """Insert (review_id, original uid, accession, protocol flag, state, reason) rows."""
+        now = _now()
+        await self.db.executemany(
+            "INSERT INTO studies (run, review_id, original_study_uid, accession_no, "
+            "has_protocol_series, state, reason, updated) VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (run, rid, uid, acc, int(proto), state, reason, now)
+                for rid, uid, acc, proto, state, reason in rows
+            ],
+        )
+        await self.db.commit()
+
+    async def update_study(self, run: str, review_id: int, **columns: Any) -> None:
+        allowed = {
+            "state",
+            "reason",
+            "expected",
+            "landed",
+            "clean",
+            "quarantined",
+            "pushed",
+            "cleaned_study_uid",
+        }
+        unknown = set(columns) - allowed
+        if unknown:
+            raise ValueError(f"unknown study columns {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        await self._write(
+            f"UPDATE studies SET {assignments}, updated = ? WHERE run = ? AND review_id = ?",
+            (*columns.values(), _now(), run, review_id),
+        )
+
+    async def studies(self, run: str) -> list[StudyRecord]:
+        async with self.db.execute(
+            "SELECT * FROM studies WHERE run = ? ORDER BY review_id", (run,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_study(row) for row in rows]
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def add_files(self, run: str, records: Iterable[FileRecord]) -> None:
+        """Record file outcomes (replacing a previous record of the same file), one commit."""
+        await self.db.executemany(
+            "INSERT OR REPLACE INTO files (run, review_id, name, status, output, reason, "
+            "cleaned_study_uid, sop_instance_uid, modality, sop_class, series_uid, pushed) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    run,
+                    r.review_id,
+                    r.name,
+                    r.status,
+                    r.output,
+                    r.reason,
+                    r.cleaned_study_uid,
+                    r.sop_instance_uid,
+                    r.modality,
+                    r.sop_class,
+                    r.series_uid,
+                    int(r.pushed),
+                )
+                for r in records
+            ],
+        )
+        await self.db.commit()
+
+    async def files(self, run: str, review_id: int | None = None) -> list[FileRecord]:
+        sql = "SELECT * FROM files WHERE run = ?"
+        params: tuple[Any, ...] = (run,)
+        if review_id is not None:
+            sql += " AND review_id = ?"
+            params = (run, review_id)
+        async with self.db.execute(sql + " ORDER BY review_id, name", params) as cursor:
+            rows = await cursor.fetchall()
+        return [_file(row) for row in rows]
+
+    async def mark_pushed(self, run: str, review_id: int, names: Iterable[str]) -> None:
+        await self.db.executemany(
+            "UPDATE files SET pushed = 1 WHERE run = ? AND review_id = ? AND name = ?",
+            [(run, review_id, name) for name in names],
+        )
+        await self.db.commit()
+
+
+def _run(row: Any) -> RunRecord:
+    return RunRecord(
+        row["name"],
+        Path(row["path"]),
+        row["state"],
+        bool(row["practice"]),
+        bool(row["no_push"]),
+        row["started"],
+        row["finished"],
+        row["error"],
+    )
+
+
+def _study(row: Any) -> StudyRecord:
+    return StudyRecord(
+        row["run"],
+        row["review_id"],
+        row["original_study_uid"],
+        row["accession_no"],
+        bool(row["has_protocol_series"]),
+        row["state"],
+        row["reason"],
+        row["expected"],
+        row["landed"],
+        row["clean"],
+        row["quarantined"],
+        row["pushed"],
+        row["cleaned_study_uid"],
+    )
+
+
+def _file(row: Any) -> FileRecord:
+    return FileRecord(
+        row["review_id"],
+        row["name"],
+        row["status"],
+        row["output"],
+        row["reason"],
+        row["cleaned_study_uid"],
+        row["sop_instance_uid"],
+        row["modality"],
+        row["sop_class"],
+        row["series_uid"],
+        bool(row["pushed"]),
+    )

@@ -1,0 +1,118 @@
+"""End to end: review DB + staging Orthanc → anonpipe → research Orthanc, audit trail, write-back."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from anonpipe import cli
+from anonpipe.daemon.rundir import RunDir
+from tests.harness.deployment import Site, build_site
+from tests.harness.orthanc import OrthancFactory
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
+    staging = orthanc_factory("STAGING")
+    research = orthanc_factory("RESEARCH")
+    socket_dir = Path(tempfile.mkdtemp(prefix="anonpipe-", dir="/tmp"))
+    built, _port = build_site(tmp_path / "site", staging, research,
+                              socket_path=socket_dir / "control.sock")
+    yield built
+
+
+def _only_run(site: Site) -> RunDir:
+    (run,) = RunDir.list(site.data_dir)
+    return run
+
+
+def test_run_once_delivers_exactly_the_approved_studies(site: Site) -> None:
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+
+    research = site.research
+    # Exactly the approved studies arrived (as new UIDs), with every clean instance.
+    assert len(research.studies()) == len(site.approved_uids)
+    assert len(research.instances()) == site.expected_instances()
+    for instance_id in research.instances():
+        data = research.download(instance_id)
+        for manifest in site.manifests:
+            leaked = manifest.find_planted(data, uids=True)
+            assert not leaked, f"planted identifiers reached research: {sorted(leaked)[:3]}"
+        ds = dcmread(__import__("io").BytesIO(data), stop_before_pixels=True)
+        assert "protocol" not in str(ds.get("SeriesDescription", "")).lower()
+
+    # Review DB written back: approved published with the cleaned UID, others untouched.
+    published_uids = set(research.study_instance_uids())
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert row.image_published and row.pub_date is not None
+        assert row.study_uid in published_uids
+        assert row.total_images and row.number_of_series and row.modality in ("CT", "MR")
+    for uid in site.rejected_uids + site.held_uids:
+        row = site.review.find_study(uid)
+        assert not row.image_published and not row.processing_error
+    for uid in site.missing_uids:
+        row = site.review.find_study(uid)
+        assert row.processing_error and "never found" in (row.processing_error_msg or "")
+
+    # The audit trail, as the old pipeline wrote it.
+    run = _only_run(site)
+    for name in ("overview.txt", "comments.txt", "studies_to_retrieve.txt", "pull_output.txt",
+                 "anonymize_output.txt", "post_anon_output.txt", "push_output.txt",
+                 "reviewed_protocol_studies.txt", "found_protocol_studies.txt",
+                 "missing_protocol_studies.txt", "done.txt"):
+        assert run.has(name), name
+    overview = run.read_lines("overview.txt")
+    approved = len(site.approved_uids) + len(site.missing_uids)
+    assert overview[0].startswith("Starting at ")
+    assert overview[1:] == [
+        f"{approved} valid reviewed studies. Please review comments.txt",
+        f"{len(site.held_uids)} studies held back: their reviews conflict, see comments.txt",
+        f"Received {_landed(run)} files containing {len(site.approved_uids)} studies",
+        "1 studies marked as having a protocol series, 1 studies found with protocol series "
+        "during anonymization.",
+        f"{site.expected_instances()} files containing {len(site.approved_uids)} studies were "
+        "successfully hooked up to an encounter.",
+        overview[6],
+        f"{len(site.approved_uids)} studies marked as pushed",
+    ]
+    assert overview[6].startswith("Push completed at ")
+    assert run.read_lines("found_protocol_studies.txt") == site.protocol_uids
+    assert run.read_lines("reviewed_protocol_studies.txt") == site.protocol_uids
+    assert run.read_lines("missing_protocol_studies.txt") == []
+    comments = "\n".join(run.read_lines("comments.txt"))
+    for uid in site.held_uids:
+        assert f"{uid}\tHELD BACK: reviews conflict" in comments
+    quarantined = [p for p in run.quarantine.iterdir() if p.suffix == ".dcm"]
+    assert len(quarantined) == len(site.protocol_uids)  # one protocol instance per study
+    assert "patient protocol series" in "\n".join(run.read_lines("anonymize_output.txt"))
+
+    # A second run finds nothing to do and changes nothing.
+    before = len(research.instances())
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    assert len(RunDir.list(site.data_dir)) == 1 and len(research.instances()) == before
+
+
+def _landed(run: RunDir) -> int:
+    return sum(1 for _ in run.from_staging.rglob("*.dcm"))
+
+
+def test_practice_run_pushes_nothing_and_changes_no_database(site: Site) -> None:
+    review_before = hashlib.sha256(site.review.path.read_bytes()).hexdigest()
+    identity = site.root / "identity.db"
+    assert cli.main(["run-once", "-c", str(site.config_path), "--practice"]) == 0
+    assert site.research.instances() == []
+    assert hashlib.sha256(site.review.path.read_bytes()).hexdigest() == review_before
+    assert not identity.exists() and not (site.root / "anon.key").exists()
+    run = _only_run(site)
+    assert run.has("post_anon_output_practice.txt") and not run.has("post_anon_output.txt")
+    assert run.has("done.txt") and not run.has("push_output.txt")
+    assert not list(run.path.glob(".practice-identity.db*"))
+    assert any(run.to_production.rglob("*.dcm"))  # it did de-identify
