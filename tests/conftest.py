@@ -103,18 +103,30 @@ def review_db(tmp_path: Path) -> ReviewDB:
     return ReviewDB.create(tmp_path / "review.db")
 
 
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """Logging configured at debug, JSON into a buffer; restored afterwards."""
-    buffer = io.StringIO()
-    logs.configure_logging("debug", "json", stream=buffer, environ={})
-    yield buffer
+def _reset_logging() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == "anonpipe":
             root.removeHandler(handler)
     logging.captureWarnings(False)
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _isolate_logging() -> Iterator[None]:
+    """Commands under test configure logging onto pytest's captured streams, which close after
+    the test: remove that set-up so a later test does not log into a closed stream."""
+    yield
+    _reset_logging()
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Logging configured at debug, JSON into a buffer; restored afterwards."""
+    buffer = io.StringIO()
+    logs.configure_logging("debug", "json", stream=buffer, environ={})
+    yield buffer
+    _reset_logging()
 
 
 @pytest.fixture(autouse=True)

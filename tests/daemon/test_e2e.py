@@ -1,4 +1,4 @@
-"""End to end: review DB + staging Orthanc → anonpipe → research Orthanc, audit trail, write-back."""
+"""End to end: review DB and staging Orthanc → anonpipe → research Orthanc, audit, write-back."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
     staging = orthanc_factory("STAGING")
     research = orthanc_factory("RESEARCH")
     socket_dir = Path(tempfile.mkdtemp(prefix="anonpipe-", dir="/tmp"))
-    built, _port = build_site(tmp_path / "site", staging, research,
-                              socket_path=socket_dir / "control.sock")
+    built, _port = build_site(
+        tmp_path / "site", staging, research, socket_path=socket_dir / "control.sock"
+    )
     yield built
 
 
@@ -64,10 +65,19 @@ def test_run_once_delivers_exactly_the_approved_studies(site: Site) -> None:
 
     # The audit trail, as the old pipeline wrote it.
     run = _only_run(site)
-    for name in ("overview.txt", "comments.txt", "studies_to_retrieve.txt", "pull_output.txt",
-                 "anonymize_output.txt", "post_anon_output.txt", "push_output.txt",
-                 "reviewed_protocol_studies.txt", "found_protocol_studies.txt",
-                 "missing_protocol_studies.txt", "done.txt"):
+    for name in (
+        "overview.txt",
+        "comments.txt",
+        "studies_to_retrieve.txt",
+        "pull_output.txt",
+        "anonymize_output.txt",
+        "post_anon_output.txt",
+        "push_output.txt",
+        "reviewed_protocol_studies.txt",
+        "found_protocol_studies.txt",
+        "missing_protocol_studies.txt",
+        "done.txt",
+    ):
         assert run.has(name), name
     overview = run.read_lines("overview.txt")
     approved = len(site.approved_uids) + len(site.missing_uids)

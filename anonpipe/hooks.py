@@ -1,0 +1,336 @@
+"""Post-anonymization hooks: site code run once a run's files are de-identified.
+
+As in the old pipeline's ``custom_hooks.py``, a site writes a Python file that registers a
+function, and the configuration names it::
+
+    # /etc/anonpipe/hooks/link.py, listed in [pipeline] hook_files
+    from pathlib import Path
+
+    from anonpipe.hooks import OverviewWriter, registry
+
+    def link(run_dir: Path, overview: OverviewWriter, practice: bool) -> str:
+        ...  # cleaned files are in run_dir / "to_production" / <study> / <series> / <sop>.dcm
+        overview.write("12 files containing 1 studies were linked.\\n")
+        return "the detailed report, saved to post_anon_output.txt"
+
+    registry.register(link, name="link")  # then [pipeline] post_anon_hook = "link"
+
+The hook gets the run folder (a :class:`~pathlib.Path`; the old code passed a string), a stream
+whose lines go to overview.txt, and whether this is a practice run (it must then change nothing
+outside the run folder). Its return value is saved to post_anon_output.txt
+(post_anon_output_practice.txt in practice). ``@registry.register`` and
+``@registry.register(name="link")`` work as decorators too.
+
+Unlike the old code, which silently fell back to the default hook, an unknown name is an error at
+start-up (:func:`resolve_hook`). Built in: ``default`` (a per-study report of ``to_production``)
+and ``none`` (does nothing).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import importlib.util
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol, TypeVar, overload
+
+from pydicom import dcmread
+
+from anonpipe.daemon.rundir import hooked
+from anonpipe.logs import get_logger
+
+__all__ = [
+    "Hook",
+    "HookError",
+    "HookRegistry",
+    "OverviewWriter",
+    "default_hook",
+    "load_hook_files",
+    "none_hook",
+    "registry",
+    "resolve_hook",
+    "run_hook",
+]
+
+log = get_logger(__name__)
+
+
+class OverviewWriter(Protocol):
+    """What a hook may do with ``overview``: write text; complete lines go to overview.txt."""
+
+    def write(self, text: str, /) -> int:
+        """Write `text`; returns the number of characters written."""
+        ...
+
+
+#: ``hook(run_dir, overview, practice) -> report``.
+Hook = Callable[[Path, OverviewWriter, bool], str]
+H = TypeVar("H", bound=Hook)
+
+
+class HookError(RuntimeError):
+    """A hook is unknown, registered twice, failed to load, or failed when run."""
+
+
+# While load_hook_files(into=...) runs, registrations through the module registry go there.
+_redirect: contextvars.ContextVar[HookRegistry | None] = contextvars.ContextVar(
+    "anonpipe_hook_redirect", default=None
+)
+
+
+class HookRegistry:
+    """Hooks by name. Thread-safe.
+
+    Registering a name twice with a different function is an error; the same function, or the
+    function of the same name from the same file (a hook file loaded again), replaces it.
+    """
+
+    def __init__(self) -> None:
+        self._hooks: dict[str, Hook] = {}
+        self._lock = threading.Lock()
+
+    @overload
+    def register(self, fn: H, name: str | None = None) -> H: ...
+
+    @overload
+    def register(self, fn: None = None, name: str | None = None) -> Callable[[H], H]: ...
+
+    def register(self, fn: H | None = None, name: str | None = None) -> H | Callable[[H], H]:
+        """Register `fn` under `name` (default: the function's ``__name__``).
+
+        Parameters
+        ----------
+        fn : callable or None
+            ``fn(run_dir, overview, practice) -> str``. None returns a decorator, for
+            ``@registry.register(name="x")``.
+        name : str or None, optional
+            The name ``[pipeline] post_anon_hook`` uses.
+
+        Returns
+        -------
+        callable
+            `fn` itself, so the method works as a decorator.
+
+        Raises
+        ------
+        HookError
+            If `fn` is not callable, `name` is empty, or `name` is taken by another function.
+        """
+        if fn is None:
+            return lambda f: self.register(f, name)
+        target = _redirect.get() if self is registry else None
+        if target is not None and target is not self:
+            return target.register(fn, name)
+        if not callable(fn):
+            raise HookError(f"cannot register {fn!r} as a hook: it is not callable")
+        key = name if name is not None else getattr(fn, "__name__", "")
+        if not isinstance(key, str) or not key.strip():
+            raise HookError("a hook needs a non-empty name: registry.register(fn, name='my_hook')")
+        with self._lock:
+            old = self._hooks.get(key)
+            if old is not None and not _same_hook(old, fn):
+                raise HookError(
+                    f"post_anon_hook {key!r} is already registered by {_where(old)}; "
+                    f"register {_where(fn)} under another name"
+                )
+            self._hooks[key] = fn
+        return fn
+
+    def get(self, name: str) -> Hook:
+        """The hook registered as `name`.
+
+        Raises
+        ------
+        HookError
+            If no hook has that name; the message lists the known names and the fix.
+        """
+        with self._lock:
+            hook = self._hooks.get(name)
+            known = ", ".join(self._hooks)
+        if hook is None:
+            raise HookError(
+                f"unknown post_anon_hook {name!r}; known: {known or '(none)'}; set [pipeline] "
+                "post_anon_hook or add the file defining it to [pipeline] hook_files"
+            )
+        return hook
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names, in registration order."""
+        with self._lock:
+            return tuple(self._hooks)
+
+    def _items(self) -> list[tuple[str, Hook]]:
+        with self._lock:
+            return list(self._hooks.items())
+
+
+def _same_hook(old: Hook, new: Hook) -> bool:
+    if old is new:
+        return True
+    old_code, new_code = getattr(old, "__code__", None), getattr(new, "__code__", None)
+    return (
+        old_code is not None
+        and new_code is not None
+        and old_code.co_filename == new_code.co_filename
+        and getattr(old, "__qualname__", None) == getattr(new, "__qualname__", None)
+    )
+
+
+def _where(fn: Hook) -> str:
+    code = getattr(fn, "__code__", None)
+    place = f" in {code.co_filename}" if code is not None else ""
+    return f"{getattr(fn, '__qualname__', repr(fn))}{place}"
+
+
+def load_hook_files(paths: Iterable[Path], into: HookRegistry | None = None) -> None:
+    """Import each site hook file by path; their ``registry.register`` calls land in `into`.
+
+    All or nothing: if a file fails, no registration of this call is kept.
+
+    Parameters
+    ----------
+    paths : iterable of Path
+        Python files (``[pipeline] hook_files``). Each is imported as a module of its own,
+        named after its resolved path, so loading a file again re-registers its hooks.
+    into : HookRegistry or None, optional
+        Where registrations made through ``anonpipe.hooks.registry`` go; default that registry.
+
+    Raises
+    ------
+    HookError
+        Naming the file, the exception type and its message, for a file that is missing, not a
+        ``.py`` file, or raises while imported.
+    """
+    target = registry if into is None else into
+    staging = HookRegistry()
+    for name, fn in target._items():
+        staging._hooks[name] = fn
+    files = [Path(path) for path in paths]
+    token = _redirect.set(staging)
+    try:
+        for path in files:
+            _import_file(path)
+    finally:
+        _redirect.reset(token)
+    for name, fn in staging._items():
+        target.register(fn, name)
+    if files:
+        log.info("hook files loaded", files=len(files), hooks=list(staging.names()))
+
+
+def _import_file(path: Path) -> None:
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    module_name = f"anonpipe_site_hook_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise HookError(f"cannot load hook file {path}: not a Python source file (*.py)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(module_name, None)
+        raise HookError(f"cannot load hook file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_hook(name: str, files: Iterable[Path], into: HookRegistry | None = None) -> Hook:
+    """Load `files`, then return the hook `name`: what start-up calls.
+
+    Raises
+    ------
+    HookError
+        If a file fails to load or no hook is called `name`.
+    """
+    load_hook_files(files, into)
+    return (registry if into is None else into).get(name)
+
+
+def run_hook(
+    hook: Hook, run_dir: Path, overview: OverviewWriter, practice: bool, name: str | None = None
+) -> str:
+    """Run `hook` and return its report.
+
+    A pending partial line of `overview` is flushed afterwards (if it has ``flush``). A return
+    value that is not a string is converted with ``str()``; None (a hook without ``return``)
+    gives "".
+
+    Parameters
+    ----------
+    name : str or None, optional
+        The registered name, for messages (default: the function's name).
+
+    Raises
+    ------
+    HookError
+        If the hook raises; the message names the hook and quotes the exception, which may
+        carry data the hook handled: record it in the run folder, do not log it.
+    """
+    label = name if name is not None else getattr(hook, "__name__", repr(hook))
+    try:
+        report: object = hook(run_dir, overview, practice)
+    except (Exception, SystemExit) as exc:
+        log.warning("post_anon_hook failed", hook=label, error_type=type(exc).__name__)
+        raise HookError(f"post_anon_hook {label!r} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        flush = getattr(overview, "flush", None)
+        if callable(flush):
+            flush()
+    if report is None:
+        return ""
+    return report if isinstance(report, str) else str(report)
+
+
+# ------------------------------------------------------------------------- built-in hooks
+
+
+def default_hook(run_dir: Path, overview: OverviewWriter, practice: bool) -> str:
+    """Count and describe the de-identified studies in ``run_dir / "to_production"``.
+
+    Writes :func:`~anonpipe.daemon.rundir.hooked` to `overview`. Practice changes nothing
+    here (the caller picks the output file).
+
+    Returns
+    -------
+    str
+        One line per study, by folder name: ``<cleaned study uid>\\t<n> series\\t<n> images
+        \\t<modality>\\t<sop class uid>``, the last two from the first file's header.
+    """
+    production = run_dir / "to_production"
+    studies = sorted(p for p in production.iterdir() if p.is_dir()) if production.is_dir() else []
+    lines: list[str] = []
+    total = 0
+    for study in studies:
+        series = [_instances(s) for s in sorted(study.iterdir()) if s.is_dir()]
+        series = [files for files in series if files]
+        count = sum(len(files) for files in series)
+        if not count:
+            continue
+        modality, sop_class = _header(series[0][0])
+        lines.append(f"{study.name}\t{len(series)} series\t{count} images\t{modality}\t{sop_class}")
+        total += count
+    overview.write(hooked(total, len(lines)) + "\n")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _instances(series: Path) -> list[Path]:
+    return sorted(p for p in series.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
+
+
+def _header(path: Path) -> tuple[str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    meta = getattr(ds, "file_meta", None)
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    return str(ds.get("Modality") or ""), str(sop_class or "")
+
+
+def none_hook(run_dir: Path, overview: OverviewWriter, practice: bool) -> str:
+    """Do nothing: for sites that link studies some other way."""
+    return ""
+
+
+registry = HookRegistry()
+registry.register(default_hook, name="default")
+registry.register(none_hook, name="none")

@@ -1,0 +1,261 @@
+"""The daemon as systemd runs it: a subprocess with NOTIFY_SOCKET, signals, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from anonpipe import ctl
+from anonpipe.daemon.rundir import RunDir
+from tests.harness.deployment import Site, StudyPlan, build_site
+from tests.harness.orthanc import OrthancFactory
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Daemon:
+    """``anonpipe daemon`` in a subprocess, with a NOTIFY_SOCKET the test reads."""
+
+    def __init__(self, site: Site, notify_dir: Path) -> None:
+        self.site = site
+        self.notify_path = notify_dir / f"notify-{time.monotonic_ns()}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(0.2)
+        self.messages: list[str] = []
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="2000000")
+        self.log = (site.root / "daemon.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "anonpipe.cli", "daemon", "-c", str(site.config_path)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=site.root,
+        )
+
+    def read_notifications(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                return self.messages
+
+    def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = 120.0, what: str = ""
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}): {self.log_tail()}")
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return (self.site.root / "daemon.log").read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.close()
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.read_notifications()
+        self.close()
+        return code
+
+    def close(self) -> None:
+        self.notify.close()
+        self.notify_path.unlink(missing_ok=True)
+        self.log.close()
+
+
+def _state(site: Site, sql: str) -> list[tuple[object, ...]]:
+    path = site.data_dir / "state.db"
+    if not path.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def _run_state(site: Site) -> str | None:
+    rows = _state(site, "SELECT state FROM runs ORDER BY started DESC LIMIT 1")
+    return str(rows[0][0]) if rows else None
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path for Unix sockets (tmp_path may exceed 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="ap-", dir="/tmp"))
+    yield path
+    for child in path.iterdir():
+        child.unlink(missing_ok=True)
+    path.rmdir()
+
+
+def _site(orthanc_factory: OrthancFactory, root: Path, sockets: Path, plan: StudyPlan) -> Site:
+    staging = orthanc_factory("STAGING")
+    research = orthanc_factory("RESEARCH")
+    site, _port = build_site(root, staging, research, plan, socket_path=sockets / "ctl.sock")
+    return site
+
+
+def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan())
+    daemon = Daemon(site, short_dir)
+    try:
+        daemon.wait_for(
+            lambda: any("READY=1" in m for m in daemon.read_notifications()), what="READY=1"
+        )
+        ready = next(m for m in daemon.messages if "READY=1" in m)
+        assert "STATUS=" in ready
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        assert len(site.research.instances()) == site.expected_instances()
+
+        status = ctl.request(site.socket_path, "status", {})
+        assert status["run"]["state"] == "done" and status["scp"]["listening"]
+        assert status["peers"]["research"]["ok"] and status["peers"]["staging"]["ok"]
+        blob = json.dumps(status)
+        for uid in site.approved_uids + site.held_uids:
+            assert uid not in blob  # review ids and counts only: no original UIDs on the socket
+        steps = {row["step"] for row in status["studies"]}
+        assert steps <= {"published", "held", "failed-reported"}
+        assert ctl.main(["--socket", str(site.socket_path), "status"]) == 0
+        assert ctl.main(["--socket", str(site.socket_path), "echo", "research"]) == 0
+        assert ctl.request(site.socket_path, "pause", {}).startswith("paused")
+        assert ctl.request(site.socket_path, "status", {})["state"] == "paused"
+        assert ctl.request(site.socket_path, "resume", {}) == "resumed"
+        runs = ctl.request(site.socket_path, "runs", {})
+        shown = ctl.request(site.socket_path, "show", {"run": runs[0]["name"]})
+        assert shown["overview"][0].startswith("Starting at")
+        time.sleep(2.5)  # at least one watchdog interval (WATCHDOG_USEC=2 s → ping every 1 s)
+    finally:
+        code = daemon.terminate()
+    assert code == 0
+    assert any("WATCHDOG=1" in m for m in daemon.messages)
+    assert any("STOPPING=1" in m for m in daemon.messages)
+    assert not site.socket_path.exists()
+
+
+def _kill_and_resume(
+    orthanc_factory: OrthancFactory,
+    root: Path,
+    sockets: Path,
+    moment: Callable[[Site], bool],
+    what: str,
+) -> Site:
+    plan = StudyPlan(
+        approved=3,
+        approved_with_protocol=1,
+        series_per_study=2,
+        instances_per_series=40,
+        size=(64, 64),
+    )
+    site = _site(orthanc_factory, root, sockets, plan)
+    first = Daemon(site, sockets)
+    first.wait_for(lambda: moment(site), what=what, timeout=180)
+    first.kill()
+    assert _run_state(site) != "done", f"the run finished before the kill ({what})"
+    second = Daemon(site, sockets)
+    try:
+        second.wait_for(lambda: _run_state(site) == "done", what="the resumed run to finish")
+    finally:
+        assert second.terminate() == 0
+    return site
+
+
+def _assert_same_as_uninterrupted(site: Site) -> None:
+    assert len(site.research.studies()) == len(site.approved_uids)
+    assert len(site.research.instances()) == site.expected_instances()
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert row.image_published and row.study_uid in site.research.study_instance_uids()
+    (run,) = RunDir.list(site.data_dir)
+    overview = run.read_lines("overview.txt")
+    assert len(overview) == len(set(overview)) == 8, overview  # every line once
+    assert run.has("done.txt")
+    # One pseudonym per patient, however often the files were processed.
+    with sqlite3.connect(site.root / "identity.db") as db:
+        patients = db.execute("SELECT COUNT(*) FROM patient").fetchone()[0]
+    assert patients == len(site.approved_uids)
+
+
+def _studies_in(site: Site, state: str) -> int:
+    return len(_state(site, f"SELECT 1 FROM studies WHERE state = '{state}'"))
+
+
+def _files(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.dcm")) if folder.exists() else 0
+
+
+def _run_dir(site: Site) -> Path | None:
+    runs = RunDir.list(site.data_dir) if site.data_dir.exists() else []
+    return runs[0].path if runs else None
+
+
+def test_kill_during_pull_then_resume(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    def pulling(site: Site) -> bool:
+        run = _run_dir(site)
+        return (
+            run is not None
+            and _studies_in(site, "pulling") == 1
+            and _files(run / "from_staging") > 20
+        )
+
+    site = _kill_and_resume(orthanc_factory, tmp_path / "site", short_dir, pulling, "the pull")
+    _assert_same_as_uninterrupted(site)
+
+
+def test_kill_during_deidentification_then_resume(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    def deidentifying(site: Site) -> bool:
+        run = _run_dir(site)
+        return (
+            run is not None
+            and _studies_in(site, "deidentified") >= 1
+            and _files(run / "to_production") > 0
+            and _studies_in(site, "pulling") == 1
+        )
+
+    site = _kill_and_resume(
+        orthanc_factory, tmp_path / "site", short_dir, deidentifying, "de-identification"
+    )
+    _assert_same_as_uninterrupted(site)
+
+
+def test_kill_during_push_then_resume(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    expected: list[int] = []
+
+    def pushing(site: Site) -> bool:
+        if not expected:
+            expected.append(site.expected_instances())
+        return _run_state(site) == "pushing" and 0 < len(site.research.instances()) < expected[0]
+
+    site = _kill_and_resume(orthanc_factory, tmp_path / "site", short_dir, pushing, "the push")
+    _assert_same_as_uninterrupted(site)
+    (run,) = RunDir.list(site.data_dir)
+    assert "were already there" in "\n".join(run.read_lines("push_output.txt"))
