@@ -99,6 +99,55 @@ def _print(result: Any, as_json: bool) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
+_STUDY_COLUMNS = ("study", "step", "expected", "landed", "clean", "quarantined", "pushed", "reason")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``anonpipectl status`` as a readable table (``--json`` prints the raw reply)."""
+    run = status.get("run") or {}
+    scp = status.get("scp") or {}
+    lines = [f"state     {status.get('state', '?')}"]
+    if status.get("misroute"):
+        lines.append(f"MISROUTE  {status['misroute']}")
+    if run:
+        error = f"  ({run['error']})" if run.get("error") else ""
+        lines.append(f"run       {run.get('name')}: {run.get('state')}{error}")
+    if scp:
+        lines.append(
+            f"scp       {scp.get('ae_title')} on {scp.get('bind')}:{scp.get('port')}, "
+            f"{'listening' if scp.get('listening') else 'NOT listening'}, "
+            f"{scp.get('active_associations', 0)} active, {scp.get('landed', 0)} landed"
+            + (f", refused {scp['refused']}" if scp.get("refused") else "")
+            + (
+                f", rejected {scp['rejected_associations']}"
+                if scp.get("rejected_associations")
+                else ""
+            )
+        )
+    for name, peer in sorted((status.get("peers") or {}).items()):
+        state = "ok" if peer.get("ok") else f"UNREACHABLE: {peer.get('error')}"
+        lines.append(f"{name:<9} {peer.get('peer')}: {state}")
+    studies = status.get("studies") or []
+    if studies:
+        rows = [
+            [str(s.get(c) if s.get(c) is not None else "") for c in _STUDY_COLUMNS] for s in studies
+        ]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_STUDY_COLUMNS)]
+        lines.append("")
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(_STUDY_COLUMNS, widths, strict=True)).rstrip()
+        )
+        lines += [
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
+    errors = status.get("errors") or []
+    if errors:
+        lines.append("")
+        lines.append("last errors:")
+        lines += [f"  {e}" for e in errors[-5:]]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``anonpipectl``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -115,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"anonpipectl: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    _print(result, getattr(args, "json", False))
+    if args.command == "status" and not args.json and isinstance(result, dict):
+        print(format_status(result))
+    else:
+        _print(result, getattr(args, "json", False))
     return EXIT_OK
 
 

@@ -96,3 +96,71 @@ def test_bad_configuration_is_a_usage_error(
     config.write_text("[control]\nsockett = 'x'\n")
     assert ctl.main(["-c", str(config), "status"]) == 2
     assert "control.sockett" in capsys.readouterr().err
+
+
+def test_status_is_a_readable_table() -> None:
+    text = ctl.format_status(
+        {
+            "state": "blocked: misroute detected, pulls stopped",
+            "misroute": "STAGING reported 5 completed but 0 reached ANONPIPE",
+            "run": {"name": "run_at_1764000000", "state": "failed", "error": "misroute: ..."},
+            "scp": {
+                "ae_title": "ANONPIPE",
+                "bind": "0.0.0.0",
+                "port": 11112,
+                "listening": True,
+                "active_associations": 0,
+                "landed": 12,
+                "refused": {},
+                "rejected_associations": {},
+            },
+            "peers": {
+                "staging": {"peer": "STAGING@10.0.0.5:4242", "ok": True, "error": ""},
+                "research": {
+                    "peer": "RESEARCH@10.0.0.6:4242",
+                    "ok": False,
+                    "error": "no connection (refused ...)",
+                },
+            },
+            "studies": [
+                {
+                    "study": 7,
+                    "step": "published",
+                    "expected": 6,
+                    "landed": 6,
+                    "clean": 6,
+                    "quarantined": 0,
+                    "pushed": 6,
+                    "reason": None,
+                },
+                {
+                    "study": 9,
+                    "step": "held",
+                    "expected": None,
+                    "landed": 0,
+                    "clean": 0,
+                    "quarantined": 0,
+                    "pushed": 0,
+                    "reason": "reviews conflict: user 2 says PHI",
+                },
+            ],
+            "errors": ["2026-11-25 00:00:00 run_at_1764000000: pulls stopped"],
+        }
+    )
+    lines = text.splitlines()
+    assert lines[0] == "state     blocked: misroute detected, pulls stopped"
+    assert lines[1].startswith("MISROUTE  STAGING reported")
+    assert "research  RESEARCH@10.0.0.6:4242: UNREACHABLE: no connection" in text
+    header = next(line for line in lines if line.startswith("study"))
+    assert header.split() == [
+        "study",
+        "step",
+        "expected",
+        "landed",
+        "clean",
+        "quarantined",
+        "pushed",
+        "reason",
+    ]
+    assert any(line.split()[:2] == ["9", "held"] and "reviews conflict" in line for line in lines)
+    assert lines[-1].endswith("pulls stopped")

@@ -1,0 +1,122 @@
+"""The service in-process: a failed run restarted by the operator, a research PACS that is down,
+and a misroute that stops pulling until an operator resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from anonpipe import cli
+from anonpipe.config import load_settings
+from anonpipe.daemon.rundir import RunDir
+from anonpipe.daemon.service import Service
+from anonpipe.hooks import registry
+from tests.harness.dcmtk import StoreSCP
+from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site, write_config
+from tests.harness.orthanc import OrthancFactory
+from tests.harness.ports import LOOPBACK
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = StudyPlan(
+    approved=2, approved_with_protocol=0, rejected_phi=0, conflicting=1, missing_from_staging=0
+)
+
+
+@pytest.fixture
+def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
+    socket_dir = Path(tempfile.mkdtemp(prefix="ap-", dir="/tmp"))
+    built, _port = build_site(
+        tmp_path / "site",
+        orthanc_factory("STAGING"),
+        orthanc_factory("RESEARCH"),
+        SMALL,
+        socket_path=socket_dir / "ctl.sock",
+    )
+    yield built
+
+
+def _local_port(site: Site) -> int:
+    return load_settings(site.config_path, {}).local.port
+
+
+def test_failed_run_resumes_with_restart_run(site: Site) -> None:
+    bad = site.root / "bad_hook.py"
+    bad.write_text(
+        "from anonpipe.hooks import registry\n\n\n"
+        "def explode(run_dir, overview, practice):\n"
+        "    raise RuntimeError('encounter table unreachable')\n\n\n"
+        "registry.register(explode, name='explode')\n"
+    )
+    write_config(site, _local_port(site), post_anon_hook="explode", hook_files=[str(bad)])
+    settings = load_settings(site.config_path, {})
+
+    async def scenario() -> tuple[str | None, str | None, str]:
+        service = Service(settings)
+        await service.start(control=False)
+        try:
+            await service._cycle()
+            failed = (await service.store.runs())[-1]
+            assert service.pipeline is not None
+            service.pipeline.hook = registry.get("default")  # the operator fixed the hook
+            message = await service._restart({})
+            await service._cycle()
+            done = (await service.store.runs())[-1]
+            return failed.state + ": " + (failed.error or ""), done.state, message
+        finally:
+            await service.stop()
+
+    failed, done, message = asyncio.run(scenario())
+    assert failed is not None and failed.startswith("failed: HookError")
+    assert "encounter table unreachable" in failed
+    assert "will resume" in message and done == "done"
+    assert len(site.research.instances()) == site.expected_instances()
+    (run,) = RunDir.list(site.data_dir)
+    assert run.read_lines("post_anon_output.txt")  # rewritten by the working hook
+
+
+def test_research_down_is_retried_then_written_back_as_failed(site: Site) -> None:
+    site.research.stop()
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert not row.image_published and row.processing_error
+        assert (row.processing_error_msg or "").startswith("push failed after retries")
+    (run,) = RunDir.list(site.data_dir)
+    push = "\n".join(run.read_lines("push_output.txt"))
+    assert "no connection" in push
+    assert run.read_lines("overview.txt")[-1] == "0 studies marked as pushed"
+
+
+def test_misroute_blocks_pulls_until_resume(site: Site, tmp_path: Path) -> None:
+    settings = load_settings(site.config_path, {})
+
+    async def scenario(wrong: StoreSCP) -> tuple[str, str | None, bool, str, bool]:
+        service = Service(settings)
+        await service.start(control=False)
+        try:
+            site.staging.add_modality("anonpipe", OUR_AE, LOOPBACK, wrong.port)
+            await service._cycle()
+            status = await service._status({})
+            blocked_state = status["state"]
+            await service._cycle()  # does nothing while blocked
+            runs = await service.store.runs()
+            site.staging.add_modality("anonpipe", OUR_AE, LOOPBACK, settings.local.port)
+            resumed = await service._resume({})
+            await service.store.set_run_state(runs[-1].name, "stopped")  # restart-run
+            await service._cycle()
+            final = (await service.store.runs())[-1]
+            return blocked_state, runs[-1].error, service.paused, resumed, final.state == "done"
+        finally:
+            await service.stop()
+
+    with StoreSCP(tmp_path / "elsewhere", aet=OUR_AE) as wrong:
+        blocked, error, paused, resumed, done = asyncio.run(scenario(wrong))
+    assert blocked == "blocked: misroute detected, pulls stopped"
+    assert error is not None and error.startswith("misroute:")
+    assert "misroute guard cleared" in resumed and not paused and done
+    assert len(site.research.instances()) == site.expected_instances()
