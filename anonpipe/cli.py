@@ -238,7 +238,7 @@ def _run_once_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_once(args: argparse.Namespace) -> int:
-    """One whole run in the foreground (an unfinished run is resumed first), then exit."""
+    """One whole run in the foreground (an unfinished or failed run is resumed first), then exit."""
     import asyncio
 
     from anonpipe.daemon.runner import execute_run
@@ -257,7 +257,9 @@ def _run_once(args: argparse.Namespace) -> int:
         try:
             if service.pipeline is None:  # pragma: no cover - set by start()
                 return None
-            run = await service.store.unfinished_run()
+            runs = await service.store.runs()
+            # In the foreground the operator is present: an interrupted or failed run resumes.
+            run = runs[-1] if runs and runs[-1].state != "done" else None
             result = await execute_run(
                 service.pipeline,
                 run,
@@ -309,7 +311,7 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     ),
     Subcommand(
         "run-once",
-        "one whole run in the foreground (resuming an unfinished one first), then exit",
+        "one whole run in the foreground (resuming an unfinished or failed one first), then exit",
         _run_once_arguments,
         _run_once,
     ),

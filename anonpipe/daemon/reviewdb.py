@@ -182,6 +182,7 @@ class ReviewDatabase:
         if not _IDENTIFIER.match(table_prefix):
             raise ValueError(f"table_prefix must be an SQL identifier, got {table_prefix!r}")
         self.path = Path(database)
+        self._warned_held: dict[int, str] = {}
         self.study_table = f"{table_prefix}radiologystudy"
         self.review_table = f"{table_prefix}radiologystudyreview"
 
@@ -272,10 +273,13 @@ class ReviewDatabase:
             reason = conflict_reason(candidate)
             if reason is not None:
                 held.append(Held(candidate, reason))
-                _log.warning("review_study_held", row_id=candidate.id, reason=reason)
+                if self._warned_held.get(candidate.id) != reason:  # once per study and reason
+                    self._warned_held[candidate.id] = reason
+                    _log.warning("review_study_held", row_id=candidate.id, reason=reason)
             elif len(picked) < limit:
                 picked.append(candidate)
-        _log.info("review_selection", picked=len(picked), held=len(held), limit=limit)
+        if picked:
+            _log.info("review_selection", picked=len(picked), held=len(held), limit=limit)
         return Selection(tuple(picked), tuple(held))
 
     async def mark_published(

@@ -72,6 +72,10 @@ class Pipeline:
     hook: Hook
     should_stop: Callable[[], bool] = lambda: False
     errors: list[str] = field(default_factory=list)
+    #: The run in progress (for status), None between runs.
+    current: str | None = None
+    #: Told every run state change (the service sends it to systemd as STATUS=).
+    on_state: Callable[[str], None] = lambda _text: None
 
     def note_error(self, message: str) -> None:
         """Keep the last errors for ``status`` (no PHI in *message*)."""
@@ -105,6 +109,7 @@ async def execute_run(
         if run is None:
             return None
     rdir = RunDir.open(run.path)
+    p.current = run.name
     try:
         await _pull_and_deidentify(p, run, rdir)
         await _protocol_check(p, run, rdir)
@@ -114,16 +119,18 @@ async def execute_run(
             await _write_back(p, run, rdir)
         await _finish(p, run, rdir)
     except RunStopped:
-        await p.store.set_run_state(run.name, "stopped")
+        await _advance(p, run.name, "stopped")
         raise
     except MisrouteError as exc:
-        await p.store.set_run_state(run.name, "failed", f"misroute: {exc}")
+        await _advance(p, run.name, "failed", f"misroute: {exc}")
         p.note_error(f"{run.name}: pulls stopped: {exc}")
         raise
     except Exception as exc:
-        await p.store.set_run_state(run.name, "failed", f"{type(exc).__name__}: {exc}")
+        await _advance(p, run.name, "failed", f"{type(exc).__name__}: {exc}")
         p.note_error(f"{run.name}: failed: {type(exc).__name__}: {exc}")
         log.exception("run failed", run=run.name)
+    finally:
+        p.current = None
     return await p.store.run(run.name)
 
 
@@ -164,7 +171,7 @@ async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> Run
         for h in selection.held
     ]
     await p.store.add_studies(rdir.name, rows)
-    await p.store.set_run_state(rdir.name, "pulling")
+    await _advance(p, rdir.name, "pulling")
     log.info(
         "run started",
         run=rdir.name,
@@ -223,7 +230,7 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
                 await _pull_one(p, run, rdir, study, pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    await p.store.set_run_state(run.name, "checking")
+    await _advance(p, run.name, "checking")
     all_studies = await p.store.studies(run.name)
     files = sum(s.landed for s in all_studies)
     with_files = sum(1 for s in all_studies if s.landed)
@@ -269,7 +276,7 @@ async def _pull_one(
         return
     for path in sorted(landing_dir.iterdir()):
         submit(path)
-    outcomes = [await future for future in submitted.values()]
+    outcomes = [await future for future in list(submitted.values())]
     await asyncio.to_thread(_sync)
     records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(run.name, records)
@@ -354,7 +361,7 @@ async def _protocol_check(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
     _overview_once(rdir, audit.protocol_summary(len(reviewed), len(found)))
     if missing:
         _overview_once(rdir, audit.protocol_missing(len(missing)))
-    await p.store.set_run_state(run.name, "hooking")
+    await _advance(p, run.name, "hooking")
 
 
 async def _hook(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
@@ -374,7 +381,7 @@ async def _hook(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         for study in await p.store.studies(run.name):
             if study.state == "deidentified":
                 await p.store.update_study(run.name, study.review_id, state="practiced")
-    await p.store.set_run_state(run.name, "pushing")
+    await _advance(p, run.name, "pushing")
 
 
 # -- push, verify, write back -------------------------------------------------------------
@@ -444,7 +451,7 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         )
         if reason:
             p.note_error(f"{run.name}: study {study.review_id}: {reason}")
-    await p.store.set_run_state(run.name, "writing_back")
+    await _advance(p, run.name, "writing_back")
 
 
 async def _write_back(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
@@ -479,8 +486,14 @@ async def _finish(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
     practice_db = rdir.path / ".practice-identity.db"
     for leftover in (practice_db, Path(f"{practice_db}-wal"), Path(f"{practice_db}-shm")):
         leftover.unlink(missing_ok=True)
-    await p.store.set_run_state(run.name, "done")
+    await _advance(p, run.name, "done")
     log.info("run done", run=run.name)
+
+
+async def _advance(p: Pipeline, run: str, state: str, error: str | None = None) -> None:
+    """Commit the run's new state, then tell the service (STATUS= for systemd)."""
+    await p.store.set_run_state(run, state, error)
+    p.on_state(f"{run}: {state}")
 
 
 def _overview_once(rdir: RunDir, line: str, prefix: str | None = None) -> None:

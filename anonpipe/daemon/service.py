@@ -58,7 +58,7 @@ class Service:
         self.control: ControlServer | None = None
         self.paused = False
         self.stopping = False
-        self.current: str | None = None
+        self.waiting: str | None = None
         self.peers: dict[str, Any] = {}
         self._poll = asyncio.Event()
         self._shutdown: asyncio.Event | None = None
@@ -81,6 +81,7 @@ class Service:
             self.guard,
             hook,
             should_stop=lambda: self.paused or self.stopping,
+            on_state=lambda text: self.notifier.status(f"running {text}"),
         )
         self.scp.start()
         if control:
@@ -127,8 +128,14 @@ class Service:
         """start → run until SIGTERM/SIGINT → stop (``anonpipe daemon``)."""
         shutdown = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def request_stop() -> None:
+            # Only flags: the run stops at its next step boundary, then run() returns.
+            self.stopping = True
+            shutdown.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, shutdown.set)
+            loop.add_signal_handler(signum, request_stop)
         await self.start()
         try:
             await self.run(shutdown)
@@ -147,18 +154,25 @@ class Service:
             return
         await self._echo_peers()
         run = await self.store.unfinished_run()
+        if run is None and (failed := await self._failed_run()) is not None:
+            # One run at a time, and the previous must be done: a failed run waits for the
+            # operator (anonpipectl restart-run) rather than being overtaken by a new one.
+            self.waiting = f"waiting: {failed} failed; fix the cause, then restart-run"
+            self.notifier.status(self.waiting)
+            return
+        self.waiting = None
         try:
-            self.current = run.name if run else None
-            self.notifier.status(self._status_line())
-            result = await execute_run(self.pipeline, run)
-            if result is not None:
-                self.current = result.name
+            await execute_run(self.pipeline, run)
         except RunStopped:
-            log.info("run stopped; it resumes later", run=self.current)
+            log.info("run stopped; it resumes later")
         except MisrouteError:
             self.paused = True
         finally:
             self.notifier.status(self._status_line())
+
+    async def _failed_run(self) -> str | None:
+        runs = await self.store.runs()
+        return runs[-1].name if runs and runs[-1].state == "failed" else None
 
     async def _echo_peers(self) -> None:
         for name, peer in (
@@ -173,7 +187,10 @@ class Service:
             return "blocked: misroute detected, pulls stopped"
         if self.paused:
             return "paused"
-        return f"running {self.current}" if self.current else "idle"
+        if self.waiting:
+            return self.waiting
+        current = self.pipeline.current if self.pipeline else None
+        return f"running {current}" if current else "idle"
 
     # -- control ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,11 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.2)
         self.messages: list[str] = []
+        # Read datagrams as they come, like systemd: an unread queue (10 datagrams by default)
+        # would block the daemon's sendmsg.
+        self._reading = True
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="2000000")
         self.log = (site.root / "daemon.log").open("ab")
         self.proc = subprocess.Popen(
@@ -44,12 +50,17 @@ class Daemon:
             cwd=site.root,
         )
 
-    def read_notifications(self) -> list[str]:
-        while True:
+    def _read_loop(self) -> None:
+        while self._reading:
             try:
                 self.messages.append(self.notify.recv(4096).decode())
             except TimeoutError:
-                return self.messages
+                continue
+            except OSError:
+                return
+
+    def read_notifications(self) -> list[str]:
+        return list(self.messages)
 
     def wait_for(
         self, predicate: Callable[[], bool], timeout: float = 120.0, what: str = ""
@@ -74,11 +85,13 @@ class Daemon:
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(60)
-        self.read_notifications()
+        time.sleep(0.3)  # the last datagrams
         self.close()
         return code
 
     def close(self) -> None:
+        self._reading = False
+        self._reader.join(2)
         self.notify.close()
         self.notify_path.unlink(missing_ok=True)
         self.log.close()
@@ -152,6 +165,12 @@ def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
         code = daemon.terminate()
     assert code == 0
     assert any("WATCHDOG=1" in m for m in daemon.messages)
+    # STATUS= on every state change of the run.
+    for phase in ("pulling", "checking", "hooking", "pushing", "writing_back", "done"):
+        assert any(
+            m.startswith("STATUS=running run_at_") and m.endswith(f": {phase}")
+            for m in daemon.messages
+        ), phase
     assert any("STOPPING=1" in m for m in daemon.messages)
     assert not site.socket_path.exists()
 
