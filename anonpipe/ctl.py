@@ -140,6 +140,11 @@ def format_status(status: dict[str, Any]) -> str:
         lines += [
             "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
         ]
+    held = status.get("held") or []
+    if held:
+        lines.append("")
+        lines.append("held back (reviews conflict):")
+        lines += [f"  study {h.get('study')}: {h.get('reason')}" for h in held]
     errors = status.get("errors") or []
     if errors:
         lines.append("")

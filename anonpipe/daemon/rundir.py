@@ -368,6 +368,11 @@ def received(files: int, studies: int) -> str:
     return f"Received {files} files containing {studies} studies"
 
 
+def not_pulled(studies: int) -> str:
+    """``1 studies could not be pulled, see pull_output.txt`` (new in anonpipe)."""
+    return f"{studies} studies could not be pulled, see pull_output.txt"
+
+
 def protocol_summary(marked: int, found: int) -> str:
     """``1 studies marked as having a protocol series, 1 studies found with ...``."""
     return (

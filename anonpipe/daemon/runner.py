@@ -74,6 +74,8 @@ class Pipeline:
     errors: list[str] = field(default_factory=list)
     #: The run in progress (for status), None between runs.
     current: str | None = None
+    #: Studies held back at the last selection (review id and reason), for status.
+    held: list[dict[str, object]] = field(default_factory=list)
     #: Told every run state change (the service sends it to systemd as STATUS=).
     on_state: Callable[[str], None] = lambda _text: None
 
@@ -139,6 +141,7 @@ async def execute_run(
 
 async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> RunRecord | None:
     selection = await p.review.select(limit)
+    p.held = [{"study": h.candidate.id, "reason": h.reason} for h in selection.held]
     if not selection.picked:
         return None
     rdir = RunDir.create(p.settings.pipeline.data_dir)
@@ -235,6 +238,9 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
     files = sum(s.landed for s in all_studies)
     with_files = sum(1 for s in all_studies if s.landed)
     _overview_once(rdir, audit.received(files, with_files))
+    not_pulled = [s for s in all_studies if s.state == "failed" and not s.landed]
+    if not_pulled:
+        _overview_once(rdir, audit.not_pulled(len(not_pulled)))
 
 
 async def _pull_one(

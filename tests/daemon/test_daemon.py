@@ -150,6 +150,9 @@ def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
         blob = json.dumps(status)
         for uid in site.approved_uids + site.held_uids:
             assert uid not in blob  # review ids and counts only: no original UIDs on the socket
+        assert [h["study"] for h in status["held"]] == [
+            site.review.find_study(uid).id for uid in site.held_uids
+        ]
         steps = {row["step"] for row in status["studies"]}
         assert steps <= {"published", "held", "failed-reported"}
         assert ctl.main(["--socket", str(site.socket_path), "status"]) == 0
@@ -210,7 +213,7 @@ def _assert_same_as_uninterrupted(site: Site) -> None:
         assert row.image_published and row.study_uid in site.research.study_instance_uids()
     (run,) = RunDir.list(site.data_dir)
     overview = run.read_lines("overview.txt")
-    assert len(overview) == len(set(overview)) == 8, overview  # every line once
+    assert len(overview) == len(set(overview)) == 9, overview  # every line once
     assert run.has("done.txt")
     # One pseudonym per patient, however often the files were processed.
     with sqlite3.connect(site.root / "identity.db") as db:

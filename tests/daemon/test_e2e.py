@@ -86,14 +86,15 @@ def test_run_once_delivers_exactly_the_approved_studies(site: Site) -> None:
         f"{approved} valid reviewed studies. Please review comments.txt",
         f"{len(site.held_uids)} studies held back: their reviews conflict, see comments.txt",
         f"Received {_landed(run)} files containing {len(site.approved_uids)} studies",
+        f"{len(site.missing_uids)} studies could not be pulled, see pull_output.txt",
         "1 studies marked as having a protocol series, 1 studies found with protocol series "
         "during anonymization.",
         f"{site.expected_instances()} files containing {len(site.approved_uids)} studies were "
         "successfully hooked up to an encounter.",
-        overview[6],
+        overview[7],
         f"{len(site.approved_uids)} studies marked as pushed",
     ]
-    assert overview[6].startswith("Push completed at ")
+    assert overview[7].startswith("Push completed at ")
     assert run.read_lines("found_protocol_studies.txt") == site.protocol_uids
     assert run.read_lines("reviewed_protocol_studies.txt") == site.protocol_uids
     assert run.read_lines("missing_protocol_studies.txt") == []
