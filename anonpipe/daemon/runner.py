@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import sqlite3
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -199,11 +199,12 @@ def _engine_spec(p: Pipeline, run: RunRecord, rdir: RunDir) -> EngineSpec:
         # Practice never creates or changes identity.db: work on a throwaway copy.
         identity_db = rdir.path / ".practice-identity.db"
         if not identity_db.exists() and anon.identity_db.exists():
-            with (
-                sqlite3.connect(f"file:{anon.identity_db}?mode=ro", uri=True) as src,
-                sqlite3.connect(identity_db) as dst,
-            ):
-                src.backup(dst)
+            # Byte copies (the WAL too): opening the real store, even read-only, would create
+            # its -shm/-wal files. Nothing else writes identity.db while this run practises.
+            for suffix in ("", "-wal"):
+                source = Path(f"{anon.identity_db}{suffix}")
+                if source.exists():
+                    shutil.copyfile(source, f"{identity_db}{suffix}")
         # ... and never create the key file either: an absent key means a throwaway one.
         key = (
             load_or_create_key(anon.key_file) if anon.key_file.exists() else secrets.token_bytes(32)

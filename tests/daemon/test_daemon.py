@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.2)
         self.messages: list[str] = []
+        self.leftovers: bool | None = None
         # Read datagrams as they come, like systemd: an unread queue (10 datagrams by default)
         # would block the daemon's sendmsg.
         self._reading = True
@@ -48,6 +50,7 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=site.root,
+            start_new_session=True,  # its own process group: the "cgroup" a kill takes down
         )
 
     def _read_loop(self) -> None:
@@ -78,13 +81,28 @@ class Daemon:
         return (self.site.root / "daemon.log").read_text(errors="replace")[-3000:]
 
     def kill(self) -> None:
-        self.proc.kill()
+        """kill -9 the daemon and everything it started (its de-identification workers), as
+        systemd does with a service's cgroup."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         self.close()
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
+        try:
+            code = self.proc.wait(60)
+            # The forkserver and resource tracker leave once they see their parent gone.
+            self.leftovers = True
+            deadline = time.monotonic() + 10
+            while self.leftovers and time.monotonic() < deadline:
+                try:
+                    os.killpg(self.proc.pid, 0)
+                    time.sleep(0.1)
+                except ProcessLookupError:
+                    self.leftovers = False
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing may outlive the test
         time.sleep(0.3)  # the last datagrams
         self.close()
         return code
@@ -166,7 +184,7 @@ def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
         time.sleep(2.5)  # at least one watchdog interval (WATCHDOG_USEC=2 s → ping every 1 s)
     finally:
         code = daemon.terminate()
-    assert code == 0
+    assert code == 0 and daemon.leftovers is False  # workers and forkserver gone too
     assert any("WATCHDOG=1" in m for m in daemon.messages)
     # STATUS= on every state change of the run.
     for phase in ("pulling", "checking", "hooking", "pushing", "writing_back", "done"):

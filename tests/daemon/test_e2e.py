@@ -11,6 +11,7 @@ import pytest
 from pydicom import dcmread
 
 from anonpipe import cli
+from anonpipe.anon.identity import IdentityStore, load_or_create_key
 from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import Site, build_site
 from tests.harness.orthanc import OrthancFactory
@@ -115,15 +116,34 @@ def _landed(run: RunDir) -> int:
     return sum(1 for _ in run.from_staging.rglob("*.dcm"))
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_practice_run_pushes_nothing_and_changes_no_database(site: Site) -> None:
-    review_before = hashlib.sha256(site.review.path.read_bytes()).hexdigest()
+    review_before = _digest(site.review.path)
     identity = site.root / "identity.db"
     assert cli.main(["run-once", "-c", str(site.config_path), "--practice"]) == 0
     assert site.research.instances() == []
-    assert hashlib.sha256(site.review.path.read_bytes()).hexdigest() == review_before
+    assert _digest(site.review.path) == review_before
     assert not identity.exists() and not (site.root / "anon.key").exists()
     run = _only_run(site)
     assert run.has("post_anon_output_practice.txt") and not run.has("post_anon_output.txt")
     assert run.has("done.txt") and not run.has("push_output.txt")
     assert not list(run.path.glob(".practice-identity.db*"))
     assert any(run.to_production.rglob("*.dcm"))  # it did de-identify
+
+
+def test_practice_run_leaves_an_existing_identity_store_untouched(site: Site) -> None:
+    key = load_or_create_key(site.root / "anon.key")
+    store = IdentityStore(site.root / "identity.db", key)
+    known = store.patient("SOMEONE-ELSE")  # an identity.db with history
+    store.commit()
+    store.close()
+    before = {p.name: _digest(p) for p in site.root.glob("identity.db*")}
+    assert cli.main(["run-once", "-c", str(site.config_path), "--practice"]) == 0
+    assert {p.name: _digest(p) for p in site.root.glob("identity.db*")} == before
+    reopened = IdentityStore(site.root / "identity.db", key, readonly=True)
+    assert reopened.patient("SOMEONE-ELSE") == known
+    reopened.close()
+    assert site.research.instances() == []
