@@ -22,6 +22,7 @@ from anonpipe.anon.identity import IdentityStore
 from anonpipe.anon.profile import build_profile
 from anonpipe.anon.quarantine import QuarantineRule, load_rules
 from anonpipe.anon.vocabulary import Vocabulary
+from anonpipe.durable import sync_filesystem
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def run_batch(
     """De-identify `files` with `jobs` worker processes (0: one per core; 1: in this process).
 
     Files are written without a per-file fsync (thousands of flushes cost more than the work);
-    ``sync=True`` makes the whole batch durable with one ``os.sync()`` before returning, for a
+    ``sync=True`` makes the whole batch durable with one ``syncfs`` before returning, for a
     caller that records the batch as done (the daemon). Without it, like ``cp``, a power cut
     may lose output the kernel had not yet written; a killed process loses nothing.
 
@@ -181,5 +182,6 @@ def run_batch(
             for outcome in pool.map(run_in_worker, tasks, chunksize=16):
                 report(outcome)
     if sync:
-        os.sync()
+        sync_filesystem(clean_dir)
+        sync_filesystem(quarantine_dir)
     return summary

@@ -12,7 +12,6 @@ is never written twice.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
 from collections import Counter
@@ -31,6 +30,7 @@ from anonpipe.daemon import rundir as audit
 from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.state import FileRecord, RunRecord, StateStore, StudyRecord
+from anonpipe.durable import sync_filesystem
 from anonpipe.hooks import Hook, HookError, run_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import Arrival, LandingRegistry
@@ -284,7 +284,7 @@ async def _pull_one(
     for path in sorted(landing_dir.iterdir()):
         submit(path)
     outcomes = [await future for future in list(submitted.values())]
-    await asyncio.to_thread(_sync)
+    await asyncio.to_thread(sync_filesystem, rdir.path)
     records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(run.name, records)
     clean = [r for r in records if r.status == "clean"]
@@ -328,10 +328,6 @@ async def _pull_one(
     )
     if reason:
         p.note_error(f"{run.name}: study {study.review_id}: {reason}")
-
-
-def _sync() -> None:
-    os.sync()
 
 
 def _record(review_id: int, outcome: Outcome) -> FileRecord:
