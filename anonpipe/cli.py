@@ -107,7 +107,7 @@ def _anonymize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _anonymize(args: argparse.Namespace) -> int:
     """De-identify SRC into DEST offline, with the daemon's engine and identity store."""
-    from anonpipe.anon.batch import EngineSpec, iter_files, run_batch
+    from anonpipe.anon.batch import engine_spec, iter_files, run_batch
     from anonpipe.anon.identity import IdentityError, load_or_create_key
     from anonpipe.logs import configure_logging
 
@@ -125,16 +125,7 @@ def _anonymize(args: argparse.Namespace) -> int:
     except IdentityError as exc:
         print(f"anonpipe anonymize: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    spec = EngineSpec(
-        identity_db=anon.identity_db,
-        key=key,
-        options=anon.options,
-        dates=anon.dates,
-        allowed_modalities=anon.allowed_modalities,
-        shift_days=anon.date_shift_days,
-        vocabulary=anon.limited_vocabulary,
-        safe_private=anon.safe_private,
-    )
+    spec = engine_spec(anon, key)
     quarantine_dir = args.quarantine or args.dest.parent / "quarantine"
     files = list(iter_files(args.src))
     progress = _Progress(len(files), sys.stderr)

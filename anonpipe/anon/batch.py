@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anonpipe.anon.clean import Recipe
 from anonpipe.anon.deidentify import Outcome, deidentify_file
@@ -23,6 +24,9 @@ from anonpipe.anon.profile import build_profile
 from anonpipe.anon.quarantine import QuarantineRule, load_rules
 from anonpipe.anon.vocabulary import Vocabulary
 from anonpipe.durable import sync_filesystem
+
+if TYPE_CHECKING:
+    from anonpipe.config import AnonSettings
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,20 @@ class EngineSpec:
     shift_days: tuple[int, int] = (-365, -1)
     vocabulary: Path | None = None
     safe_private: tuple[str, ...] = ()
+
+
+def engine_spec(anon: AnonSettings, key: bytes, identity_db: Path | None = None) -> EngineSpec:
+    """The engine of ``[anon]`` settings (*identity_db* overrides, e.g. a practice copy)."""
+    return EngineSpec(
+        identity_db=identity_db or anon.identity_db,
+        key=key,
+        options=anon.options,
+        dates=anon.dates,
+        allowed_modalities=anon.allowed_modalities,
+        shift_days=anon.date_shift_days,
+        vocabulary=anon.limited_vocabulary,
+        safe_private=anon.safe_private,
+    )
 
 
 @dataclass

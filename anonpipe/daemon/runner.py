@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from anonpipe.anon.batch import EngineSpec, run_in_worker, worker_pool
+from anonpipe.anon.batch import EngineSpec, engine_spec, run_in_worker, worker_pool
 from anonpipe.anon.deidentify import Outcome
 from anonpipe.anon.identity import load_or_create_key
 from anonpipe.anon.quarantine import PROTOCOL_REASON
@@ -211,16 +211,7 @@ def _engine_spec(p: Pipeline, run: RunRecord, rdir: RunDir) -> EngineSpec:
         )
     else:
         key = load_or_create_key(anon.key_file)
-    return EngineSpec(
-        identity_db=identity_db,
-        key=key,
-        options=anon.options,
-        dates=anon.dates,
-        allowed_modalities=anon.allowed_modalities,
-        shift_days=anon.date_shift_days,
-        vocabulary=anon.limited_vocabulary,
-        safe_private=anon.safe_private,
-    )
+    return engine_spec(anon, key, identity_db)
 
 
 async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
