@@ -147,3 +147,18 @@ def test_practice_run_leaves_an_existing_identity_store_untouched(site: Site) ->
     assert reopened.patient("SOMEONE-ELSE") == known
     reopened.close()
     assert site.research.instances() == []
+
+
+def test_no_push_stops_after_the_hook_and_max_limits_the_run(site: Site) -> None:
+    review_before = _digest(site.review.path)
+    assert cli.main(["run-once", "-c", str(site.config_path), "--no-push", "--max", "2"]) == 0
+    assert site.research.instances() == []
+    assert _digest(site.review.path) == review_before  # nothing published, nothing written back
+    run = _only_run(site)
+    assert len(run.read_lines("studies_to_retrieve.txt")) == 2
+    assert (
+        run.read_lines("overview.txt")[1] == "2 valid reviewed studies. Please review comments.txt"
+    )
+    assert run.has("post_anon_output.txt") and run.has("done.txt")
+    assert not run.has("push_output.txt")
+    assert (site.root / "identity.db").exists()  # a real run: the pseudonyms are kept
