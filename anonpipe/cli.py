@@ -275,6 +275,135 @@ def _run_once(args: argparse.Namespace) -> int:
     return EXIT_OK if state == "done" else EXIT_FAILURE
 
 
+def _day(text: str) -> object:
+    """An argparse type: the ``--before`` day (a usage error with the reason if invalid)."""
+    from anonpipe.tools.cleandata import parse_day
+
+    try:
+        return parse_day(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _clean_data_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "--before",
+        required=True,
+        type=_day,
+        metavar="YYYY-MM-DD",
+        help="clean the finished runs started before this day (local time)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+
+
+def _clean_data(args: argparse.Namespace) -> int:
+    """Remove the data folders of old finished runs; keep their text files (the audit trail)."""
+    from anonpipe.tools.cleandata import RunCleanup, clean_data, cleanup_line, total_line
+
+    settings = load_settings(args.config, os.environ)
+    data_dir = settings.pipeline.data_dir
+    if args.dry_run:
+        print(f"dry run: nothing is deleted in {data_dir}")
+    results: list[RunCleanup] = []
+    for result in clean_data(data_dir, args.before, dry_run=args.dry_run):
+        results.append(result)
+        print(cleanup_line(result, args.dry_run), flush=True)
+    print(total_line(results, args.dry_run))
+    return EXIT_FAILURE if any(r.error for r in results) else EXIT_OK
+
+
+def _filter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path, metavar="SRC", help="folder of DICOM files")
+    parser.add_argument(
+        "dest",
+        type=Path,
+        nargs="?",
+        metavar="DEST",
+        help="where matched files go, at the same relative path (not with --delete)",
+    )
+    for option, what in (("studies", "Study"), ("series", "Series"), ("instances", "SOP")):
+        parser.add_argument(
+            f"--{option}",
+            default="",
+            metavar="UIDS",
+            help=f"comma-separated {what} Instance UIDs",
+        )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help='UIDs in a JSON file: {"studies": [...], "series": [...], "instances": [...]}',
+    )
+    parser.add_argument(
+        "--delete", action="store_true", help="delete the matched files instead of moving them"
+    )
+
+
+def _filter_usage(args: argparse.Namespace) -> str | None:
+    """Why SRC and DEST do not fit the request, or None."""
+    if not args.src.is_dir():
+        return f"SRC {args.src} is not a folder"
+    if args.delete:
+        return "DEST is not used with --delete; leave it out" if args.dest else None
+    if args.dest is None:
+        return "DEST is required (or --delete to delete the matched files)"
+    if args.dest.resolve() == args.src.resolve():
+        return "DEST must differ from SRC"
+    return None
+
+
+def _filter(args: argparse.Namespace) -> int:
+    """Move (or delete) the files of the given studies, series or instances."""
+    from anonpipe.tools.filtering import (
+        SelectionError,
+        UidSelection,
+        counts_line,
+        filter_files,
+        load_selection,
+        parse_uid_list,
+    )
+
+    problem = _filter_usage(args)
+    selection = UidSelection(
+        parse_uid_list(args.studies), parse_uid_list(args.series), parse_uid_list(args.instances)
+    )
+    if problem is None and args.json is not None:
+        try:
+            selection |= load_selection(args.json)
+        except SelectionError as exc:
+            problem = str(exc)
+    if problem is None and not selection:
+        problem = "no UIDs given: use --studies, --series, --instances or --json"
+    if problem is not None:
+        print(f"anonpipe filter: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    counts = filter_files(args.src, selection, None if args.delete else args.dest)
+    for path, reason in counts.failed:
+        print(
+            f"anonpipe filter: cannot {'delete' if args.delete else 'move'} {path}: {reason}",
+            file=sys.stderr,
+        )
+    print(counts_line(counts, args.delete))
+    return EXIT_FAILURE if counts.failed else EXIT_OK
+
+
+def _summary_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, metavar="DIR", help="folder of DICOM files")
+
+
+def _summary(args: argparse.Namespace) -> int:
+    """Print the unique Study/Series Descriptions and Patient Names under DIR, with counts."""
+    from anonpipe.tools.summary import summarize, summary_lines
+
+    if not args.dir.is_dir():
+        print(f"anonpipe summary: {args.dir} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    for line in summary_lines(summarize(args.dir)):
+        print(line)
+    return EXIT_OK
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         "check-config",
@@ -305,6 +434,24 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
         "one whole run in the foreground (resuming an unfinished or failed one first), then exit",
         _run_once_arguments,
         _run_once,
+    ),
+    Subcommand(
+        "clean-data",
+        "remove the DICOM folders of finished runs older than a date, keeping their text files",
+        _clean_data_arguments,
+        _clean_data,
+    ),
+    Subcommand(
+        "filter",
+        "move (or delete) the DICOM files of given study, series or instance UIDs",
+        _filter_arguments,
+        _filter,
+    ),
+    Subcommand(
+        "summary",
+        "print the Study/Series Descriptions and Patient Names in a folder, with counts",
+        _summary_arguments,
+        _summary,
     ),
 )
 
