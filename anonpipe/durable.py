@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["fsync_path", "sync_filesystem"]
+__all__ = ["fsync_path", "move_file", "sync_filesystem"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -47,3 +49,38 @@ def sync_filesystem(path: Path) -> None:
             raise OSError(error, f"syncfs failed: {os.strerror(error)}", str(path))
     finally:
         os.close(fd)
+
+
+def move_file(source: Path, dest: Path, *, flush: bool = True) -> None:
+    """Move *source* to *dest* atomically: a rename, or across filesystems a copy.
+
+    With *flush*, *source* is flushed before and *dest*'s folder after the rename, so the move
+    survives a power cut once this returns. Across filesystems the bytes are copied beside
+    *dest* under a hidden name, flushed, renamed into place (the folder flushed), and only then
+    is *source* removed: a crash leaves the file in one place or both, never in neither.
+
+    Raises
+    ------
+    OSError
+        When the move fails; *source* is then still there and *dest* unchanged.
+    """
+    if flush:
+        fsync_path(source)
+    try:
+        os.replace(source, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        partial = dest.with_name(f".{dest.name}.part")
+        try:
+            shutil.copyfile(source, partial)
+            fsync_path(partial)
+            os.replace(partial, dest)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        fsync_path(dest.parent)
+        source.unlink()
+        return
+    if flush:
+        fsync_path(dest.parent)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from anonpipe.dimse import Status, is_valid_uid
-from anonpipe.durable import fsync_path
+from anonpipe.durable import move_file
 from anonpipe.scp.landing import Arrival, Landing, LandingRegistry
 
 __all__ = ["Lander", "Refused", "StoreRequest", "Tally"]
@@ -148,7 +147,7 @@ class Lander:
                     Status.OUT_OF_RESOURCES, "landing filesystem below its free-space floor"
                 )
         dest = landing.directory / f"{sop_uid}.dcm"
-        _durable_move(request.temp_path, dest)
+        move_file(request.temp_path, dest)  # fsynced file and folder before we answer
         return Arrival(
             path=dest,
             study_uid=landing.study_uid,
@@ -175,23 +174,3 @@ def _read_uids(path: Path) -> dict[str, str]:
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, NotImplementedError):
         raise Refused(Status.CANNOT_UNDERSTAND, "unreadable header") from None
     return {name: str(value).strip("\0 ") for name, value in found.items() if value is not None}
-
-
-def _durable_move(temp: Path, dest: Path) -> None:
-    """fsync *temp*, rename it to *dest* (copy if on another filesystem), fsync the folder."""
-    fsync_path(temp)
-    try:
-        os.replace(temp, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        # TMPDIR is on another filesystem: copy next to dest, then rename (still atomic).
-        staging = dest.with_name(f".{dest.name}.part")
-        try:
-            shutil.copyfile(temp, staging)
-            fsync_path(staging)
-            os.replace(staging, dest)
-        except BaseException:
-            staging.unlink(missing_ok=True)
-            raise
-    fsync_path(dest.parent)

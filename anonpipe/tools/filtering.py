@@ -10,13 +10,12 @@ destination is already taken, are left where they are and counted.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from anonpipe import durable
 from anonpipe.anon.batch import iter_files
 from anonpipe.durable import fsync_path
 from anonpipe.tools.headers import read_header, text_value
@@ -223,35 +222,13 @@ def _uids(path: Path) -> tuple[str | None, str | None, str | None]:
 
 
 def move_file(path: Path, target: Path) -> None:
-    """Move `path` to `target`, creating its folders: a rename, or copy and delete.
+    """Move `path` to `target`, creating its folders (:func:`anonpipe.durable.move_file`).
 
-    On one filesystem this is an atomic :func:`os.replace`; the caller flushes both folders.
-    Across filesystems the file is copied beside `target` under a hidden name, flushed, renamed
-    into place and the folder flushed, and only then is `path` removed: a crash leaves the file
-    in one place or both, never in neither.
-
-    Raises
-    ------
-    OSError
-        When the move fails; `path` is then still there.
+    Same-filesystem renames are not flushed one by one: the caller flushes the touched folders
+    once at the end.
     """
     _make_folders(target.parent)
-    try:
-        os.replace(path, target)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    partial = target.with_name(f".{target.name}.part")
-    try:
-        shutil.copy2(path, partial)
-        fsync_path(partial)
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
-    path.unlink()
+    durable.move_file(path, target, flush=False)
 
 
 def _make_folders(folder: Path) -> None:
