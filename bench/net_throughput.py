@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
@@ -50,8 +49,8 @@ from anonpipe.logs import configure_logging
 from anonpipe.scp import LandingRegistry, StorageSCP
 from anonpipe.scu import pull_study, push_files
 from bench.anon_throughput import _warm
-from tests.harness.dcmtk import DcmtkError, StoreSCP, echoscu, movescu, storescu
-from tests.harness.orthanc import OrthancServer, die_with_parent
+from tests.harness.dcmtk import StoreSCP, movescu, storescu
+from tests.harness.orthanc import OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import BENCH, generate
 
@@ -111,43 +110,6 @@ PAIRS = (
 )
 
 
-class ForkingStoreSCP(StoreSCP):
-    """``storescp --fork``: a child process per association, the reference for parallel senders.
-
-    The harness's :class:`StoreSCP` runs ``storescp`` in its default single-process mode, which
-    serves one association at a time; parallel senders would just queue.
-    """
-
-    def start(self, timeout: float = 10.0) -> Self:
-        if self.output_dir is None:
-            raise ValueError("ForkingStoreSCP writes files: give it an output folder")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        args = ["storescp", "--fork", "-aet", self.aet, "+xa", "-od", str(self.output_dir)]
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
-        self._proc = subprocess.Popen(
-            [*args, str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, TCP_NODELAY="1"),
-            preexec_fn=die_with_parent,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                output = self.log_text()
-                self.stop()
-                raise DcmtkError(f"storescp --fork exited: {output}")
-            try:
-                echoscu(self.port, called_aet=self.aet, timeout=2)
-                return self
-            except DcmtkError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise
-                time.sleep(0.05)
-
-
 # -- setup ------------------------------------------------------------------------------------
 
 
@@ -171,7 +133,7 @@ class Servers:
     local: LocalSettings
     registry: LandingRegistry
     storescp: StoreSCP
-    forking: ForkingStoreSCP
+    forking: StoreSCP
     staging: OrthancServer
     research: OrthancServer
 
@@ -185,7 +147,7 @@ def start_servers(stack: ExitStack, work: Path) -> Servers:
     scp.start()
     stack.callback(scp.stop)
     storescp = stack.enter_context(StoreSCP(work / "storescp", aet=STORESCP_AET))
-    forking = stack.enter_context(ForkingStoreSCP(work / "storescp-fork", aet=STORESCP_AET))
+    forking = stack.enter_context(StoreSCP(work / "storescp-fork", aet=STORESCP_AET, fork=True))
     staging = stack.enter_context(OrthancServer(STAGING_AET, workdir=work / "orthanc-staging"))
     research = stack.enter_context(OrthancServer(RESEARCH_AET, workdir=work / "orthanc-research"))
     staging.add_modality("anonpipe", OUR_AET, LOOPBACK, local.port)

@@ -403,6 +403,9 @@ class StoreSCP:
         Port; a free one by default.
     accept_all : bool, optional
         Accept every transfer syntax DCMTK knows (``+xa``), compressed included.
+    fork : bool, optional
+        ``--fork``: a child process per association, so parallel senders do not queue (the
+        default single-process mode serves one association at a time).
     """
 
     def __init__(
@@ -412,17 +415,21 @@ class StoreSCP:
         aet: str = "STORESCP",
         port: int | None = None,
         accept_all: bool = True,
+        fork: bool = False,
     ) -> None:
         self.output_dir = output_dir
         self.aet = aet
         self.port = port or free_port()
         self.accept_all = accept_all
+        self.fork = fork
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Self:
         """Start ``storescp`` and wait until it accepts an association."""
         args = ["storescp", "-aet", self.aet]
+        if self.fork:
+            args.append("--fork")
         if self.accept_all:
             args.append("+xa")
         if self.output_dir is None:
