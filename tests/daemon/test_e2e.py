@@ -162,3 +162,21 @@ def test_no_push_stops_after_the_hook_and_max_limits_the_run(site: Site) -> None
     assert run.has("post_anon_output.txt") and run.has("done.txt")
     assert not run.has("push_output.txt")
     assert (site.root / "identity.db").exists()  # a real run: the pseudonyms are kept
+
+
+def test_a_whole_run_at_debug_level_logs_no_identifier(
+    site: Site, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = site.config_path.read_text().replace('level = "info"', 'level = "debug"')
+    site.config_path.write_text(config)
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    out, err = capfd.readouterr()
+    logged = out + err
+    assert '"event": "pull finished"' in logged and '"level": "debug"' in logged, (
+        "the run's debug log was not captured, so the test proves nothing"
+    )
+    for manifest in site.manifests:
+        leaked = manifest.find_planted(logged.encode(), uids=True)
+        assert not leaked, f"{len(leaked)} planted identifiers or UIDs reached the log"
+    for uid in site.missing_uids:
+        assert uid not in logged
