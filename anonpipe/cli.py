@@ -41,6 +41,19 @@ def _startup_errors() -> tuple[type[BaseException], ...]:
     return (OSError, IdentityError, ReviewDatabaseError, HookError, RuntimeError)
 
 
+def _startup_exit(command: str, exc: BaseException) -> int:
+    """Report a start-up failure; configuration problems (review DB, hook, key) exit 2, the
+    rest (a port in use, a socket held by another daemon) 1."""
+    from anonpipe.anon.identity import IdentityError
+    from anonpipe.daemon.reviewdb import ReviewDatabaseError
+    from anonpipe.hooks import HookError
+
+    print(f"anonpipe {command}: cannot start: {exc}", file=sys.stderr)
+    if isinstance(exc, IdentityError | ReviewDatabaseError | HookError):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
 @dataclass(frozen=True, slots=True)
 class Subcommand:
     """One ``anonpipe NAME`` command: its help line, its options and what it runs."""
@@ -210,8 +223,7 @@ def _daemon(args: argparse.Namespace) -> int:
     try:
         asyncio.run(Service(settings).serve())
     except _startup_errors() as exc:
-        print(f"anonpipe daemon: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _startup_exit("daemon", exc)
     return EXIT_OK
 
 
@@ -270,8 +282,7 @@ def _run_once(args: argparse.Namespace) -> int:
     try:
         state = asyncio.run(once())
     except _startup_errors() as exc:
-        print(f"anonpipe run-once: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _startup_exit("run-once", exc)
     return EXIT_OK if state == "done" else EXIT_FAILURE
 
 

@@ -83,10 +83,16 @@ class Service:
             should_stop=lambda: self.paused or self.stopping,
             on_state=lambda text: self.notifier.status(f"running {text}"),
         )
-        self.scp.start()
-        if control:
-            self.control = ControlServer(self.settings.control.socket, self._handlers())
-            await self.control.start()
+        try:
+            self.scp.start()
+            if control:
+                self.control = ControlServer(self.settings.control.socket, self._handlers())
+                await self.control.start()
+        except BaseException:
+            # Undo what opened, so a failed start leaves no thread or socket behind.
+            await asyncio.to_thread(self.scp.stop, 0.0)
+            await self.store.close()
+            raise
         self.notifier.ready(self._status_line())
         log.info("service started", scp_port=self.scp.port, paused=self.paused)
 

@@ -4,6 +4,7 @@ and a misroute that stops pulling until an operator resumes."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +121,30 @@ def test_misroute_blocks_pulls_until_resume(site: Site, tmp_path: Path) -> None:
     assert error is not None and error.startswith("misroute:")
     assert "misroute guard cleared" in resumed and not paused and done
     assert len(site.research.instances()) == site.expected_instances()
+
+
+def _run_once(site: Site, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(["run-once", "-c", str(site.config_path)])
+    return code, capsys.readouterr().err
+
+
+def test_start_up_problems_stop_with_a_clear_message(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = _local_port(site)
+    write_config(site, port, post_anon_hook="linker")
+    code, err = _run_once(site, capsys)
+    assert code == 2 and "unknown post_anon_hook 'linker'" in err and "default" in err
+
+    write_config(site, port)
+    site.review.path.rename(site.root / "moved.db")
+    code, err = _run_once(site, capsys)
+    assert code == 2 and "not found" in err and "[review] database" in err
+    (site.root / "moved.db").rename(site.review.path)
+
+    with socket.socket() as busy:
+        busy.bind((LOOPBACK, port))
+        busy.listen()
+        code, err = _run_once(site, capsys)
+    assert code == 1 and f"cannot listen on {LOOPBACK}:{port}" in err
+    assert site.research.instances() == []
