@@ -37,9 +37,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar, overload
 
-from pydicom import dcmread
-
 from anonpipe.daemon.rundir import hooked
+from anonpipe.headers import read_header
 from anonpipe.logs import get_logger
 
 __all__ = [
@@ -320,7 +319,9 @@ def _instances(series: Path) -> list[Path]:
 
 
 def _header(path: Path) -> tuple[str, str]:
-    ds = dcmread(path, stop_before_pixels=True)
+    ds = read_header(path, ["Modality", "SOPClassUID"])
+    if ds is None:
+        raise ValueError(f"{path.name}: not a readable DICOM file")
     meta = getattr(ds, "file_meta", None)
     sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
     return str(ds.get("Modality") or ""), str(sop_class or "")

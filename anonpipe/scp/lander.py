@@ -19,18 +19,20 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
-
 from anonpipe.dimse import Status, is_valid_uid
 from anonpipe.durable import move_file
+from anonpipe.headers import read_header, text_value
 from anonpipe.scp.landing import Arrival, Landing, LandingRegistry
 
 __all__ = ["Lander", "Refused", "StoreRequest", "Tally"]
 
 #: Read from each header; the data set is not parsed past Series Instance UID.
-_TAGS = [Tag(0x0008, 0x0016), Tag(0x0008, 0x0018), Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)]
+_UIDS = {
+    "sop_class": "SOPClassUID",
+    "sop": "SOPInstanceUID",
+    "study": "StudyInstanceUID",
+    "series": "SeriesInstanceUID",
+}
 #: Errors that mean "no space left": answered with Out of Resources, not a crash.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
@@ -163,14 +165,8 @@ class Lander:
 
 def _read_uids(path: Path) -> dict[str, str]:
     """The four UIDs of the header, as text; only the header is read."""
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-        found = {
-            "sop_class": ds.get("SOPClassUID"),
-            "sop": ds.get("SOPInstanceUID"),
-            "study": ds.get("StudyInstanceUID"),
-            "series": ds.get("SeriesInstanceUID"),
-        }
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, NotImplementedError):
-        raise Refused(Status.CANNOT_UNDERSTAND, "unreadable header") from None
-    return {name: str(value).strip("\0 ") for name, value in found.items() if value is not None}
+    header = read_header(path, list(_UIDS.values()))
+    if header is None:
+        raise Refused(Status.CANNOT_UNDERSTAND, "unreadable header")
+    found = {name: text_value(header, keyword) for name, keyword in _UIDS.items()}
+    return {name: value for name, value in found.items() if value is not None}

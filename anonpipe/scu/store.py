@@ -16,13 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
 from pynetdicom.presentation import PresentationContext, build_context
 
 from anonpipe.config import LocalSettings, ResearchSettings
 from anonpipe.dimse import Status, configure_transfer, status_category
+from anonpipe.headers import read_header, text_value
 from anonpipe.logs import get_logger
 from anonpipe.scu.association import MAX_CONTEXTS, PeerUnavailable, associate, describe
 from anonpipe.scu.find import QueryFailed, count_study
@@ -40,7 +38,6 @@ __all__ = [
 
 log = get_logger(__name__)
 
-_STUDY_UID = Tag(0x0020, 0x000D)
 ResultHandler = Callable[["FileResult"], None]
 
 
@@ -122,10 +119,9 @@ def read_item(path: Path) -> PushItem:
     ValueError
         If the file is not DICOM or lacks what sending needs.
     """
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=[_STUDY_UID])
-    except (InvalidDicomError, OSError, EOFError, TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+    ds = read_header(path, ["StudyInstanceUID"])
+    if ds is None:
+        raise ValueError("not a readable DICOM file")
     meta = ds.file_meta
     values = {
         "sop_class_uid": meta.get("MediaStorageSOPClassUID"),
@@ -136,7 +132,7 @@ def read_item(path: Path) -> PushItem:
     if missing:
         raise ValueError(f"file meta lacks {', '.join(missing)}")
     sop_class, sop_instance, syntax = (str(v) for v in values.values())
-    return PushItem(path, sop_class, sop_instance, syntax, str(ds.get("StudyInstanceUID", "")))
+    return PushItem(path, sop_class, sop_instance, syntax, text_value(ds, "StudyInstanceUID") or "")
 
 
 def push_tree(

@@ -5,6 +5,6 @@
 - :mod:`anonpipe.tools.summary`: ``anonpipe summary``, what a folder of DICOM files holds.
 
 They print what the operator asked for and log nothing: their output may name patients (summary)
-and goes to the operator's terminal only. :mod:`anonpipe.tools.headers` reads the few header
+and goes to the operator's terminal only. :mod:`anonpipe.headers` reads the few header
 elements they need.
 """

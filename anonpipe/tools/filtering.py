@@ -18,7 +18,7 @@ from pathlib import Path
 from anonpipe import durable
 from anonpipe.anon.batch import iter_files
 from anonpipe.durable import fsync_path
-from anonpipe.tools.headers import read_header, text_value
+from anonpipe.headers import read_header, text_value
 
 __all__ = [
     "KINDS",

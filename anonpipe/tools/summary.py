@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anonpipe.anon.batch import iter_files
-from anonpipe.tools.headers import read_header, text_value
+from anonpipe.headers import read_header, text_value
 
 __all__ = ["EMPTY", "FIELDS", "MISSING", "FolderSummary", "summarize", "summary_lines"]
 

@@ -1,9 +1,9 @@
-"""Reading a few header elements of a DICOM file, for the helper commands.
+"""Reading a few header elements of a DICOM file: the SCP (landing), the push, the hooks and the
+helper commands all read UIDs or descriptions this one way.
 
 Only the header is read (never pixel data), and only the elements asked for. A file that is not
-readable DICOM gives None: the commands leave such files alone and count them. pydicom's
-warnings about odd values are silenced while reading, because their text may quote the values
-(patient data) and these commands must not emit any on their own.
+readable DICOM gives None: each caller decides (refuse, fail, count). pydicom's warnings about
+odd values are silenced while reading, because their text may quote the values (patient data).
 """
 
 from __future__ import annotations
