@@ -192,13 +192,12 @@ def _echo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _echo(args: argparse.Namespace) -> int:
     """C-ECHO the configured PACS as our AE title: checks their address and that they know us."""
-    from anonpipe.dimse import Endpoint
     from anonpipe.logs import configure_logging
-    from anonpipe.scu import echo
+    from anonpipe.scu import echo, remote_peers
 
     settings = load_settings(args.config, os.environ)
     configure_logging("error", settings.logging.format)  # type: ignore[arg-type]
-    peers: dict[str, Endpoint] = {"staging": settings.staging, "research": settings.research}
+    peers = remote_peers(settings)
     names = list(peers) if args.peer == "all" else [args.peer]
     failed = 0
     for name in names:

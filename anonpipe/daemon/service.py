@@ -21,11 +21,10 @@ from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.runner import Pipeline, RunStopped, execute_run
 from anonpipe.daemon.state import StateStore
-from anonpipe.dimse import Endpoint
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import LandingRegistry, StorageSCP
-from anonpipe.scu import MisrouteError, MisrouteGuard, echo
+from anonpipe.scu import MisrouteError, MisrouteGuard, echo, remote_peers
 
 __all__ = ["Service", "state_store_path"]
 
@@ -181,10 +180,7 @@ class Service:
         return runs[-1].name if runs and runs[-1].state == "failed" else None
 
     async def _echo_peers(self) -> None:
-        for name, peer in (
-            ("staging", self.settings.staging),
-            ("research", self.settings.research),
-        ):
+        for name, peer in remote_peers(self.settings).items():
             result = await asyncio.to_thread(echo, self.settings.local, peer)
             self.peers[name] = {"peer": result.peer, "ok": result.ok, "error": result.error}
 
@@ -301,10 +297,7 @@ class Service:
 
     async def _echo(self, args: dict[str, Any]) -> dict[str, Any]:
         name = str(args.get("peer", ""))
-        peers: dict[str, Endpoint] = {
-            "staging": self.settings.staging,
-            "research": self.settings.research,
-        }
+        peers = remote_peers(self.settings)
         if name not in peers:
             raise ValueError("peer must be staging or research")
         result = await asyncio.to_thread(echo, self.settings.local, peers[name])

@@ -5,7 +5,7 @@ the SCP's :class:`~anonpipe.scp.LandingRegistry`, its only link to :mod:`anonpip
 """
 
 from anonpipe.scu.association import PeerUnavailable, associate, describe
-from anonpipe.scu.echo import EchoResult, echo
+from anonpipe.scu.echo import EchoResult, echo, remote_peers
 from anonpipe.scu.find import QueryFailed, StudyCount, count_study, list_instances
 from anonpipe.scu.move import MisrouteError, MisrouteGuard, PullBlocked, PullResult, pull_study
 from anonpipe.scu.store import (
@@ -41,5 +41,6 @@ __all__ = [
     "push_files",
     "push_tree",
     "read_item",
+    "remote_peers",
     "verify_studies",
 ]

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from pynetdicom.presentation import build_context
 
-from anonpipe.config import LocalSettings
+from anonpipe.config import LocalSettings, Settings
 from anonpipe.dimse import VERIFICATION, Endpoint
 from anonpipe.scu.association import PeerUnavailable, associate, describe
 
-__all__ = ["EchoResult", "echo"]
+__all__ = ["EchoResult", "echo", "remote_peers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +41,8 @@ def echo(local: LocalSettings, peer: Endpoint) -> EchoResult:
     if status != 0:
         return EchoResult(describe(peer), False, elapsed, int(status), f"status 0x{status:04X}")
     return EchoResult(describe(peer), True, elapsed, 0)
+
+
+def remote_peers(settings: Settings) -> dict[str, Endpoint]:
+    """The PACS we talk to, by the names operators use (``echo staging|research``)."""
+    return {"staging": settings.staging, "research": settings.research}
