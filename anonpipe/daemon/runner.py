@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -71,6 +72,9 @@ class Pipeline:
     guard: MisrouteGuard
     hook: Hook
     should_stop: Callable[[], bool] = lambda: False
+    #: Set once the service is shutting down: a long step (the push) stops between files
+    #: rather than at its end, so SIGTERM is answered in seconds (a pause lets the step finish).
+    shutting_down: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
     #: The run in progress (for status), None between runs.
     current: str | None = None
@@ -401,11 +405,18 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         if already:
             await p.store.mark_pushed(run.name, study.review_id, [f.name for f in already])
         report = await asyncio.to_thread(
-            push_files, settings.local, settings.research, [Path(f.output or "") for f in todo]
+            push_files,
+            settings.local,
+            settings.research,
+            [Path(f.output or "") for f in todo],
+            stop=p.shutting_down,
         )
         stored_paths = {r.path for r in report.stored}
         stored = [f.name for f in todo if Path(f.output or "") in stored_paths]
         await p.store.mark_pushed(run.name, study.review_id, stored)
+        if report.stopped:
+            # Left "pushing": the resumed run asks the research PACS what it holds and goes on.
+            raise RunStopped
         for failure in report.failed:
             rdir.append(
                 "push_output.txt",

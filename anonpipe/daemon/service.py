@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,18 @@ class Service:
         )
         self.control: ControlServer | None = None
         self.paused = False
-        self.stopping = False
+        #: Set on SIGTERM/SIGINT or stop(); read from the push threads too.
+        self.shutting_down = threading.Event()
         self.waiting: str | None = None
         self.peers: dict[str, Any] = {}
         self._poll = asyncio.Event()
         self._shutdown: asyncio.Event | None = None
         self.pipeline: Pipeline | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """True once shutting down: the run stops at its next boundary, nothing new starts."""
+        return self.shutting_down.is_set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -80,6 +87,7 @@ class Service:
             self.guard,
             hook,
             should_stop=lambda: self.paused or self.stopping,
+            shutting_down=self.shutting_down,
             on_state=lambda text: self.notifier.status(f"running {text}"),
         )
         try:
@@ -97,7 +105,7 @@ class Service:
 
     async def stop(self) -> None:
         """STOPPING=1, stop taking work, drain the SCP, close the control socket and stores."""
-        self.stopping = True
+        self.shutting_down.set()
         self.notifier.stopping("stopping: draining associations")
         if self.control is not None:
             await self.control.stop()
@@ -136,7 +144,7 @@ class Service:
 
         def request_stop() -> None:
             # Only flags: the run stops at its next step boundary, then run() returns.
-            self.stopping = True
+            self.shutting_down.set()
             shutdown.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -145,7 +153,7 @@ class Service:
         try:
             await self.run(shutdown)
         finally:
-            self.stopping = True
+            self.shutting_down.set()
             await self.stop()
 
     # -- scheduling -------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Every client in :mod:`anonpipe.scu` goes through :func:`associate`: one place that applies the
 ``[local]`` timeouts and PDU size (pynetdicom's ``ae.maximum_pdu_size`` is ignored for requestors,
 so it is passed to ``associate`` as well), a connection timeout (pynetdicom has none by default),
-and turns "not established" into :class:`PeerUnavailable` naming the peer and the cause.
+and turns "not established" into :class:`PeerUnavailable` naming the peer and the cause. It also
+closes a race in pynetdicom's reactor that could leave a request waiting for a response that had
+already arrived (:func:`_return_stolen_responses`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def associate(
     )
     if not assoc.is_established:
         raise PeerUnavailable(peer, _failure_reason(assoc, peer, bool(connected)))
+    _return_stolen_responses(assoc)
     try:
         yield assoc
     except BaseException:
@@ -93,6 +96,27 @@ def associate(
         raise
     if assoc.is_established:
         assoc.release()
+
+
+def _return_stolen_responses(assoc: Any) -> None:
+    """Give a response that pynetdicom's reactor thread took back to the request waiting for it.
+
+    pynetdicom's ``send_*`` methods pause the association's reactor before sending, but the pause
+    is checked through a flag the reactor also sets on every loop, so the reactor can slip past it
+    and take the response off the queue; it then logs "Received unexpected C-STORE service
+    message" and drops it, and the request waits the whole DIMSE timeout (10 minutes by default)
+    for nothing. Seen on a loaded machine during a push. While a request waits (the reactor's
+    checkpoint is cleared) a response that is not a request goes back on the queue instead.
+    """
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not assoc._reactor_checkpoint.is_set():
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request
 
 
 def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> str:

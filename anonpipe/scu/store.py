@@ -5,11 +5,13 @@ decoded or transcoded), so the presentation contexts come from the files' own SO
 transfer syntaxes, at most 128 per association. Files can be spread over several associations in
 parallel, each owned by one thread. A failed object is retried, with exponential backoff, when
 the failure can be transient (no association, no answer, out of resources); the report has one
-result per file and never raises for a peer that is down.
+result per file and never raises for a peer that is down. A push can be stopped between files
+(the service shutting down); what was not sent is reported as such.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,9 @@ __all__ = [
 log = get_logger(__name__)
 
 ResultHandler = Callable[["FileResult"], None]
+
+#: The error of a file left unsent because the push was stopped.
+NOT_SENT_STOPPED = "not sent: the push was stopped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +80,12 @@ class FileResult:
 
 @dataclass
 class PushReport:
-    """One result per file, in input order, and how long the push took."""
+    """One result per file, in input order, how long the push took, and whether it was stopped
+    before every file had its chance."""
 
     results: list[FileResult] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: bool = False
 
     @property
     def stored(self) -> list[FileResult]:
@@ -152,7 +159,8 @@ def push_files(
     retries: int | None = None,
     retry_backoff: float | None = None,
     on_result: ResultHandler | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
+    sleep: Callable[[float], object] | None = None,
 ) -> PushReport:
     """C-STORE *paths* to *research*; retry what failed transiently; one result per file.
 
@@ -170,9 +178,16 @@ def push_files(
         Seconds before the first retry, doubled each round (``research.retry_backoff``).
     on_result : callable, optional
         Called once per file with its final result (from the calling thread).
+    stop : threading.Event, optional
+        Once set (from any thread), no further file is sent, a retry wait ends, and the report
+        is ``stopped``.
+    sleep : callable, optional
+        Waits between retry rounds (tests pass their own); by default ``stop.wait``.
     """
     configure_transfer()
     start = time.monotonic()
+    stop = threading.Event() if stop is None else stop
+    sleep = stop.wait if sleep is None else sleep
     associations = research.push_associations if associations is None else associations
     retries = research.retries if retries is None else retries
     retry_backoff = research.retry_backoff if retry_backoff is None else retry_backoff
@@ -187,6 +202,7 @@ def push_files(
             results[path] = FileResult(path, "failed", None, 0, error=str(exc))
 
     attempts: dict[Path, int] = {}
+    stopped = False
     for round_no in range(retries + 1):
         if round_no:
             delay = retry_backoff * 2 ** (round_no - 1)
@@ -199,9 +215,16 @@ def push_files(
                 delay_s=delay,
             )
             sleep(delay)
-        outcomes = _send_round(local, research, pending, associations)
+        outcomes = _send_round(local, research, pending, associations, stop)
         retry: list[PushItem] = []
         for item, status, error, transient in outcomes:
+            if error == NOT_SENT_STOPPED:
+                stopped = True
+                if item.path not in results:
+                    results[item.path] = FileResult(
+                        item.path, "failed", None, 0, item.study_uid, item.sop_instance_uid, error
+                    )
+                continue
             attempts[item.path] = attempts.get(item.path, 0) + 1
             outcome = _outcome(status)
             result = FileResult(
@@ -217,10 +240,10 @@ def push_files(
             if outcome == "failed" and transient:
                 retry.append(item)
         pending = retry
-        if not pending:
+        if not pending or stopped:
             break
 
-    report = PushReport([results[p] for p in ordered], time.monotonic() - start)
+    report = PushReport([results[p] for p in ordered], time.monotonic() - start, stopped)
     if on_result is not None:
         for result in report.results:
             on_result(result)
@@ -232,6 +255,7 @@ def push_files(
         stored=len(report.stored),
         failed=len(report.failed),
         seconds=round(report.seconds, 3),
+        stopped=stopped,
     )
     return report
 
@@ -262,27 +286,41 @@ _Outcome = tuple[PushItem, int | None, str, bool]
 
 
 def _send_round(
-    local: LocalSettings, research: ResearchSettings, items: Sequence[PushItem], parallel: int
+    local: LocalSettings,
+    research: ResearchSettings,
+    items: Sequence[PushItem],
+    parallel: int,
+    stop: threading.Event,
 ) -> list[_Outcome]:
     """Send *items* over up to *parallel* associations, each owned by one thread."""
     if not items:
         return []
     shares = [list(items[i::parallel]) for i in range(min(parallel, len(items)))]
     if len(shares) == 1:
-        return _send_share(local, research, shares[0])
+        return _send_share(local, research, shares[0], stop)
     with ThreadPoolExecutor(len(shares), thread_name_prefix="push") as pool:
-        done = pool.map(lambda share: _send_share(local, research, share), shares)
+        done = pool.map(lambda share: _send_share(local, research, share, stop), shares)
         return [outcome for share in done for outcome in share]
 
 
 def _send_share(
-    local: LocalSettings, research: ResearchSettings, items: list[PushItem]
+    local: LocalSettings,
+    research: ResearchSettings,
+    items: list[PushItem],
+    stop: threading.Event,
 ) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
     for batch, contexts in _batches(items):
+        if stop.is_set():
+            outcomes.extend((item, None, NOT_SENT_STOPPED, False) for item in batch)
+            continue
         try:
             with associate(local, research, contexts) as assoc:
                 for index, item in enumerate(batch):
+                    if stop.is_set():
+                        rest = batch[index:]
+                        outcomes.extend((item, None, NOT_SENT_STOPPED, False) for item in rest)
+                        break
                     if not assoc.is_established:
                         lost = batch[index:]
                         outcomes.extend((rest, None, "association lost", True) for rest in lost)

@@ -299,3 +299,38 @@ def test_kill_during_push_then_resume(
     _assert_same_as_uninterrupted(site)
     (run,) = RunDir.list(site.data_dir)
     assert "were already there" in "\n".join(run.read_lines("push_output.txt"))
+
+
+def test_sigterm_during_the_push_stops_between_files_then_resumes(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    """SIGTERM does not wait for the study being pushed: the push stops between files, the run
+    is left stopped, exit 0; the next start finishes it as if nothing had happened."""
+    plan = StudyPlan(
+        approved=3,
+        approved_with_protocol=1,
+        series_per_study=2,
+        instances_per_series=40,
+        size=(64, 64),
+    )
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, plan)
+    first = Daemon(site, short_dir)
+    first.wait_for(
+        lambda: _run_state(site) == "pushing" and 5 <= len(site.research.instances()) <= 40,
+        what="the first study's push",
+        timeout=180,
+    )
+    started = time.monotonic()
+    assert first.terminate() == 0
+    assert time.monotonic() - started < 30
+    assert _run_state(site) == "stopped"
+    # Stopped inside the first study, not after it.
+    assert _studies_in(site, "pushing") == 1 and _studies_in(site, "verified") == 0
+    assert len(site.research.instances()) < 80
+    assert any("STOPPING=1" in m for m in first.messages)
+    second = Daemon(site, short_dir)
+    try:
+        second.wait_for(lambda: _run_state(site) == "done", what="the resumed run to finish")
+    finally:
+        assert second.terminate() == 0
+    _assert_same_as_uninterrupted(site)

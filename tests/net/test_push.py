@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 from anonpipe.config import LocalSettings, Peer, ResearchSettings
 from anonpipe.scp import LandingRegistry, StorageSCP
 from anonpipe.scu import FileResult, PushItem, push_files, push_tree, verify_studies
-from anonpipe.scu.store import _batches
+from anonpipe.scu.store import NOT_SENT_STOPPED, _batches
 from tests.harness.orthanc import OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
@@ -107,6 +109,55 @@ def test_research_coming_back_during_retries_gets_everything(
         receiver.stop()
     assert waits == [0.1]
     assert not report.failed and all(r.attempts == 2 for r in report.results)
+
+
+def test_a_stopped_push_sends_no_further_file_and_says_so(
+    local: LocalSettings,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """Stop is set when the second object lands: exactly two arrive, the rest are not sent."""
+    manifest = study_factory(series_per_study=1, instances_per_series=6)
+    receiver_settings = replace(local, ae_title="RESEARCH", port=free_port())
+    target = ResearchSettings(ae_title="RESEARCH", host=LOOPBACK, port=receiver_settings.port)
+    registry = LandingRegistry()
+    receiver = StorageSCP(receiver_settings, [Peer(local.ae_title, LOOPBACK)], registry)
+    stop = threading.Event()
+    arrived: list[object] = []
+
+    def on_arrival(arrival: object) -> None:
+        arrived.append(arrival)
+        if len(arrived) == 2:
+            stop.set()
+
+    receiver.start()
+    try:
+        study = next(iter(manifest.study_uids))
+        with registry.expect(study, tmp_path / "received", on_arrival) as landing:
+            report = push_files(local, target, sorted(manifest.paths), stop=stop)
+            assert landing.landed == 2
+    finally:
+        receiver.stop()
+    assert report.stopped
+    assert [r.outcome for r in report.results] == ["stored"] * 2 + ["failed"] * 4
+    assert all(r.error == NOT_SENT_STOPPED and r.attempts == 0 for r in report.failed)
+
+
+def test_stop_ends_a_retry_wait(
+    local: LocalSettings,
+    research: ResearchSettings,
+    study_factory: Callable[..., Manifest],
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=2)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    report = push_files(
+        local, down_peer(research), manifest.paths, retries=3, retry_backoff=60, stop=stop
+    )
+    assert time.monotonic() - started < 10
+    assert report.stopped and len(report.failed) == 2
+    assert all(r.attempts == 1 and "no connection" in r.error for r in report.results)
 
 
 def test_unreadable_file_fails_alone(
