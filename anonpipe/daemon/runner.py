@@ -268,6 +268,7 @@ async def _pull_one(
             landing_dir,
             on_arrival=on_arrival,
             guard=p.guard,
+            stop=p.shutting_down,
         )
     except (PeerUnavailable, QueryFailed) as exc:
         rdir.append("pull_output.txt", f"{study.review_id}\tnot pulled: {exc}")
@@ -276,6 +277,9 @@ async def _pull_one(
         )
         p.note_error(f"{run.name}: study {study.review_id}: {exc}")
         return
+    if result.status == "stopped":
+        # Left "pulling": the resumed run pulls the study again over what already landed.
+        raise RunStopped
     for path in sorted(landing_dir.iterdir()):
         submit(path)
     outcomes = [await future for future in list(submitted.values())]

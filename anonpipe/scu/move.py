@@ -109,7 +109,8 @@ class PullResult:
     - ``complete``: final response success, landed == completed == expected;
     - ``incomplete``: something is missing or failed; safe to pull again;
     - ``undeliverable``: the PACS could not deliver a single object to us (route or firewall);
-    - ``not found``: the staging PACS has no such study.
+    - ``not found``: the staging PACS has no such study;
+    - ``stopped``: the caller stopped it (shutting down); what landed stays, pull again later.
     """
 
     status: str
@@ -162,6 +163,7 @@ def pull_study(
     on_arrival: ArrivalHandler | None = None,
     guard: MisrouteGuard | None = None,
     grace: float = 10.0,
+    stop: threading.Event | None = None,
 ) -> PullResult:
     """Pull *study_uid* from *staging* into *landing_dir* through our running SCP.
 
@@ -184,6 +186,9 @@ def pull_study(
     grace : float
         Seconds to wait after the final response for objects still on their way (a PACS that
         answers before its sub-operations finished).
+    stop : threading.Event, optional
+        Checked at each C-MOVE response; once set, the move's association is aborted and the
+        result is ``stopped``.
 
     Raises
     ------
@@ -217,6 +222,7 @@ def pull_study(
             "the staging PACS has no such study",
         )
     counters = _Counters()
+    stopped = False
     with registry.expect(study_uid, landing_dir, on_arrival) as landing:
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
@@ -226,6 +232,10 @@ def pull_study(
                 identifier, local.ae_title, _MODEL, msg_id=_next_message_id()
             )
             for status, _identifier in responses:
+                if stop is not None and stop.is_set():
+                    assoc.abort()  # the PACS ends its sub-operations; what landed stays
+                    stopped = True
+                    break
                 code = status.get("Status") if status else None
                 if code is None:
                     break  # timeout or abort: no final response
@@ -238,6 +248,21 @@ def pull_study(
         if counters.final is not None:
             landing.wait_for(counters.completed, grace)
         landed, refused = landing.landed, landing.refused
+    if stopped:
+        log.info("pull stopped", expected=found.instances, landed=landed)
+        return PullResult(
+            "stopped",
+            found.instances,
+            found.series,
+            counters.completed,
+            counters.failed,
+            counters.warning,
+            landed,
+            refused,
+            None,
+            time.monotonic() - start,
+            "stopped before the end of the move",
+        )
     result = _judge(found.instances, found.series, counters, landed, refused, start)
     if result.status == "misrouted":
         message = (

@@ -196,6 +196,16 @@ def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
     assert not site.socket_path.exists()
 
 
+#: Four studies of 80 small objects: long enough to interrupt each step.
+_INTERRUPTIBLE = StudyPlan(
+    approved=3,
+    approved_with_protocol=1,
+    series_per_study=2,
+    instances_per_series=40,
+    size=(64, 64),
+)
+
+
 def _kill_and_resume(
     orthanc_factory: OrthancFactory,
     root: Path,
@@ -203,24 +213,32 @@ def _kill_and_resume(
     moment: Callable[[Site], bool],
     what: str,
 ) -> Site:
-    plan = StudyPlan(
-        approved=3,
-        approved_with_protocol=1,
-        series_per_study=2,
-        instances_per_series=40,
-        size=(64, 64),
-    )
-    site = _site(orthanc_factory, root, sockets, plan)
+    site = _site(orthanc_factory, root, sockets, _INTERRUPTIBLE)
     first = Daemon(site, sockets)
     first.wait_for(lambda: moment(site), what=what, timeout=180)
     first.kill()
     assert _run_state(site) != "done", f"the run finished before the kill ({what})"
+    _resume(site, sockets)
+    return site
+
+
+def _terminate_at(site: Site, sockets: Path, moment: Callable[[Site], bool], what: str) -> None:
+    """SIGTERM at *moment*: exit 0 within seconds, STOPPING=1, the run left ``stopped``."""
+    first = Daemon(site, sockets)
+    first.wait_for(lambda: moment(site), what=what, timeout=180)
+    started = time.monotonic()
+    assert first.terminate() == 0
+    assert time.monotonic() - started < 30
+    assert any("STOPPING=1" in m for m in first.messages)
+    assert _run_state(site) == "stopped"
+
+
+def _resume(site: Site, sockets: Path) -> None:
     second = Daemon(site, sockets)
     try:
         second.wait_for(lambda: _run_state(site) == "done", what="the resumed run to finish")
     finally:
         assert second.terminate() == 0
-    return site
 
 
 def _assert_same_as_uninterrupted(site: Site) -> None:
@@ -306,31 +324,33 @@ def test_sigterm_during_the_push_stops_between_files_then_resumes(
 ) -> None:
     """SIGTERM does not wait for the study being pushed: the push stops between files, the run
     is left stopped, exit 0; the next start finishes it as if nothing had happened."""
-    plan = StudyPlan(
-        approved=3,
-        approved_with_protocol=1,
-        series_per_study=2,
-        instances_per_series=40,
-        size=(64, 64),
-    )
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, plan)
-    first = Daemon(site, short_dir)
-    first.wait_for(
-        lambda: _run_state(site) == "pushing" and 5 <= len(site.research.instances()) <= 40,
-        what="the first study's push",
-        timeout=180,
-    )
-    started = time.monotonic()
-    assert first.terminate() == 0
-    assert time.monotonic() - started < 30
-    assert _run_state(site) == "stopped"
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+
+    def first_push(site: Site) -> bool:
+        return _run_state(site) == "pushing" and 5 <= len(site.research.instances()) <= 40
+
+    _terminate_at(site, short_dir, first_push, "the first study's push")
     # Stopped inside the first study, not after it.
     assert _studies_in(site, "pushing") == 1 and _studies_in(site, "verified") == 0
     assert len(site.research.instances()) < 80
-    assert any("STOPPING=1" in m for m in first.messages)
-    second = Daemon(site, short_dir)
-    try:
-        second.wait_for(lambda: _run_state(site) == "done", what="the resumed run to finish")
-    finally:
-        assert second.terminate() == 0
+    _resume(site, short_dir)
+    _assert_same_as_uninterrupted(site)
+
+
+def test_sigterm_during_a_pull_aborts_the_move_then_resumes(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+
+    def first_pull(site: Site) -> bool:
+        run = _run_dir(site)
+        return run is not None and 5 <= _files(run / "from_staging") <= 30
+
+    _terminate_at(site, short_dir, first_pull, "the first study's pull")
+    # Stopped inside the first study's move, not after it.
+    assert _studies_in(site, "pulling") == 1 and _studies_in(site, "deidentified") == 0
+    run = _run_dir(site)
+    assert run is not None and _files(run / "from_staging") < 80
+    assert not site.research.instances()
+    _resume(site, short_dir)
     _assert_same_as_uninterrupted(site)

@@ -32,6 +32,41 @@ from tests.net.conftest import OUR_AE
 pytestmark = pytest.mark.timeout(180)
 
 
+def test_a_stopped_pull_keeps_what_landed_and_a_later_pull_completes(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """Stop is set when the 5th object lands: the move is aborted, not waited for."""
+    manifest = study_factory(series_per_study=2, instances_per_series=30)
+    staging_orthanc.upload(manifest.paths)
+    (study_uid,) = manifest.study_uids
+    stop = threading.Event()
+    landed: list[Arrival] = []
+
+    def on_arrival(arrival: Arrival) -> None:
+        landed.append(arrival)
+        if len(landed) == 5:
+            stop.set()
+
+    landing_dir = tmp_path / "from_staging"
+    result = pull_study(
+        local, staging, registry, study_uid, landing_dir, on_arrival=on_arrival, stop=stop
+    )
+    assert result.status == "stopped" and not result.complete
+    assert 5 <= result.landed < 60 and result.expected == 60
+    assert len(list(landing_dir.iterdir())) == result.landed  # each landed file whole, kept
+    again = pull_study(local, staging, registry, study_uid, landing_dir)
+    assert again.status == "complete", again.detail
+    assert {p.name for p in landing_dir.iterdir()} == {
+        f"{uid}.dcm" for uid in manifest.sop_instance_uids
+    }
+
+
 def test_echo_staging_and_a_peer_that_is_down(
     local: LocalSettings, staging: StagingSettings
 ) -> None:
