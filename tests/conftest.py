@@ -131,11 +131,20 @@ def log_output() -> Iterator[io.StringIO]:
 
 @pytest.fixture(autouse=True)
 def _restore_pynetdicom_globals() -> Iterator[None]:
-    """Undo process-wide switches a test's SCP or push set (chunked transfer, the spool file)."""
+    """Undo process-wide switches a test's SCP or push set (chunked transfer, unrestricted
+    storage, the spool file)."""
     from pynetdicom import _config, dimse_messages
 
-    flags = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET)
+    flags = (
+        _config.STORE_RECV_CHUNKED_DATASET,
+        _config.STORE_SEND_CHUNKED_DATASET,
+        _config.UNRESTRICTED_STORAGE_SERVICE,
+    )
     spool_factory = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
     yield
-    _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = flags
+    (
+        _config.STORE_RECV_CHUNKED_DATASET,
+        _config.STORE_SEND_CHUNKED_DATASET,
+        _config.UNRESTRICTED_STORAGE_SERVICE,
+    ) = flags
     dimse_messages.NamedTemporaryFile = spool_factory  # type: ignore[attr-defined]

@@ -1,8 +1,10 @@
 """The resident Storage SCP: lifecycle (start, status, drain and stop) around pynetdicom's server.
 
-It accepts every storage SOP class in every transfer syntax pynetdicom knows, and Verification,
-from allowed peers only; objects land through :class:`~anonpipe.scp.lander.Lander` into the
-folders pulls registered in a :class:`~anonpipe.scp.landing.LandingRegistry`.
+It accepts every storage SOP class, public, private or unknown to pynetdicom (vendors' private
+classes are common in clinical studies), in the transfer syntax the peer proposes first, and
+Verification, from allowed peers only; objects land through
+:class:`~anonpipe.scp.lander.Lander` into the folders pulls registered in a
+:class:`~anonpipe.scp.landing.LandingRegistry`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, _config, evt
 
 from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
@@ -95,9 +97,9 @@ class StorageSCP:
         ae.acse_timeout = self.local.acse_timeout
         ae.dimse_timeout = self.local.dimse_timeout
         ae.network_timeout = self.local.network_timeout
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # Storage contexts are not listed: pynetdicom's unrestricted storage service (set in
+        # start()) accepts any storage-like abstract syntax. Listing ~150 classes by every syntax
+        # also cost ~50 ms of CPU per inbound association, the deep copy pynetdicom makes.
         ae.add_supported_context(VERIFICATION)
         return ae
 
@@ -125,6 +127,8 @@ class StorageSCP:
             if self._server is not None:
                 return
             configure_transfer()
+            # Process-wide, and only acceptors read it: our only acceptor is this SCP.
+            _config.UNRESTRICTED_STORAGE_SERVICE = True
             self._prepare_spool()
             handlers = [
                 (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections]),

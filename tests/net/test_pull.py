@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from anonpipe import cli
@@ -282,3 +283,38 @@ def test_echo_command_reports_each_peer(
     out = capsys.readouterr().out
     assert "staging: STAGING@127.0.0.1" in out and ": ok (" in out
     assert "research: RESEARCH@127.0.0.1" in out and "FAILED: no connection" in out
+
+
+#: Siemens' CSA Non-Image Storage: a private SOP class real studies carry.
+PRIVATE_SOP_CLASS = "1.3.12.2.1107.5.9.1"
+#: Not a DICOM SOP class at all, not even a vendor's: the SCP must still take it.
+UNKNOWN_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.99.1"
+
+
+def test_private_and_unknown_sop_classes_are_pulled_too(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """Vendors' private classes are common in clinical studies; refusing them would make the
+    whole study's pull incomplete."""
+    manifest = study_factory(series_per_study=1, instances_per_series=4)
+    changed = zip(manifest.paths[:2], (PRIVATE_SOP_CLASS, UNKNOWN_SOP_CLASS), strict=True)
+    for path, sop_class in changed:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.save_as(path, enforce_file_format=True)
+    staging_orthanc.upload(manifest.paths)
+    (study_uid,) = manifest.study_uids
+    landing_dir = tmp_path / "from_staging"
+    result = pull_study(local, staging, registry, study_uid, landing_dir)
+    assert result.status == "complete", result.detail
+    assert result.landed == 4
+    classes = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in landing_dir.iterdir()
+    }
+    assert {PRIVATE_SOP_CLASS, UNKNOWN_SOP_CLASS} < classes
