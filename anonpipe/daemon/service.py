@@ -21,7 +21,7 @@ from anonpipe.daemon.notify import Notifier
 from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.runner import Pipeline, RunStopped, execute_run
-from anonpipe.daemon.state import StateStore
+from anonpipe.daemon.state import RunRecord, StateStore
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import LandingRegistry, StorageSCP
@@ -173,6 +173,16 @@ class Service:
             self.waiting = f"waiting: {failed} failed; fix the cause, then restart-run"
             self.notifier.status(self.waiting)
             return
+        if down := self._unreachable(run):
+            # Starting anyway would fail every study of the run (and a research PACS that is
+            # down would get them written back as errors): wait, and ask again next cycle.
+            every = self.settings.review.poll_interval
+            waiting = f"waiting: {down} (asking again every {every:g} s)"
+            if waiting != self.waiting:  # once per outage, not every cycle
+                log.warning("peer unreachable; no run started or resumed", peers=down)
+            self.waiting = waiting
+            self.notifier.status(waiting)
+            return
         self.waiting = None
         try:
             await execute_run(self.pipeline, run)
@@ -186,6 +196,18 @@ class Service:
     async def _failed_run(self) -> str | None:
         runs = await self.store.runs()
         return runs[-1].name if runs and runs[-1].state == "failed" else None
+
+    def _unreachable(self, run: RunRecord | None) -> str:
+        """The PACS the next run needs that did not answer the last C-ECHO, as one line."""
+        pipe = self.settings.pipeline
+        pushes = not (run.practice or run.no_push) if run else not (pipe.practice or pipe.no_push)
+        needed = ("staging", "research") if pushes else ("staging",)
+        down = [
+            f"{name} PACS {self.peers[name]['peer']} unreachable: {self.peers[name]['error']}"
+            for name in needed
+            if name in self.peers and not self.peers[name]["ok"]
+        ]
+        return " | ".join(down)
 
     async def _echo_peers(self) -> None:
         for name, peer in remote_peers(self.settings).items():

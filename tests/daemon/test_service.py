@@ -8,6 +8,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from anonpipe import cli
 from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.service import Service
+from anonpipe.daemon.state import RunRecord
 from anonpipe.hooks import registry
 from tests.harness.dcmtk import StoreSCP
 from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site, write_config
@@ -91,6 +93,40 @@ def test_research_down_is_retried_then_written_back_as_failed(site: Site) -> Non
     push = "\n".join(run.read_lines("push_output.txt"))
     assert "no connection" in push
     assert run.read_lines("overview.txt")[-1] == "0 studies marked as pushed"
+
+
+def test_scheduler_waits_for_a_research_pacs_that_is_down(site: Site) -> None:
+    """The daemon does not start a run it could only fail: nothing pulled, nothing written back,
+    status says what it waits for; once the PACS answers, the next cycle runs."""
+    settings = load_settings(site.config_path, {})
+    site.research.stop()
+
+    async def scenario() -> tuple[list[RunRecord], str, dict[str, Any], str]:
+        service = Service(settings)
+        await service.start(control=False)
+        try:
+            await service._cycle()
+            runs_while_down = list(await service.store.runs())
+            status = await service._status({})
+            peers = dict(status["peers"])  # the service replaces its entries at each echo
+            site.research.start(same_ports=True)
+            await service._cycle()
+            final = (await service.store.runs())[-1]
+            return runs_while_down, status["state"], peers, final.state
+        finally:
+            await service.stop()
+
+    runs, state, peers, final = asyncio.run(scenario())
+    assert runs == []
+    assert state.startswith("waiting: research PACS RESEARCH@127.0.0.1:")
+    assert "unreachable: no connection" in state
+    assert state.endswith(f"(asking again every {settings.review.poll_interval:g} s)")
+    assert peers["research"]["ok"] is False and peers["staging"]["ok"] is True
+    assert final == "done"
+    assert len(site.research.instances()) == site.expected_instances()
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert row.image_published and not row.processing_error
 
 
 def test_misroute_blocks_pulls_until_resume(site: Site, tmp_path: Path) -> None:

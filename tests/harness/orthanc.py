@@ -343,11 +343,12 @@ class OrthancServer:
         config.update(self.extra_config)
         return config
 
-    def start(self) -> Self:
+    def start(self, *, same_ports: bool = False) -> Self:
         """Start Orthanc and wait until its REST API and DICOM port answer.
 
         Ports are chosen here; if another process takes one in the short window before Orthanc
-        binds it, start is retried with new ports.
+        binds it, start is retried with new ports. With `same_ports`, a restart keeps the ports
+        of the previous start (a PACS coming back where its clients expect it).
 
         Returns
         -------
@@ -366,7 +367,8 @@ class OrthancServer:
             (self.workdir / directory).mkdir(parents=True, exist_ok=True)
         attempt = 1
         while True:
-            self.dicom_port, self.http_port = free_ports(2)
+            if not (same_ports and attempt == 1 and self.dicom_port and self.http_port):
+                self.dicom_port, self.http_port = free_ports(2)
             self.config_path.write_text(json.dumps(self.build_config(), indent=2))
             self._spawn()
             try:

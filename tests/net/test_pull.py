@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import UID
 
 from anonpipe import cli
 from anonpipe.config import LocalSettings, ResearchSettings, StagingSettings
@@ -306,7 +307,7 @@ def test_private_and_unknown_sop_classes_are_pulled_too(
     changed = zip(manifest.paths[:2], (PRIVATE_SOP_CLASS, UNKNOWN_SOP_CLASS), strict=True)
     for path, sop_class in changed:
         ds = pydicom.dcmread(path)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
         ds.save_as(path, enforce_file_format=True)
     staging_orthanc.upload(manifest.paths)
     (study_uid,) = manifest.study_uids
