@@ -82,6 +82,17 @@ def test_research_down_is_retried_with_backoff_and_reported(
     assert not check.ok and check.found is None and "no connection" in check.error
 
 
+def _our_scp_as_research(
+    local: LocalSettings,
+) -> tuple[ResearchSettings, LandingRegistry, StorageSCP]:
+    """A research PACS the test can watch: our own SCP (not started) taking pushes from us."""
+    receiver_settings = replace(local, ae_title="RESEARCH", port=free_port())
+    target = ResearchSettings(ae_title="RESEARCH", host=LOOPBACK, port=receiver_settings.port)
+    registry = LandingRegistry()
+    receiver = StorageSCP(receiver_settings, [Peer(local.ae_title, LOOPBACK)], registry)
+    return target, registry, receiver
+
+
 def test_research_coming_back_during_retries_gets_everything(
     local: LocalSettings,
     study_factory: Callable[..., Manifest],
@@ -89,10 +100,7 @@ def test_research_coming_back_during_retries_gets_everything(
 ) -> None:
     """The peer is down at first and starts during the backoff; the retry round delivers."""
     manifest = study_factory(series_per_study=1, instances_per_series=3)
-    receiver_settings = replace(local, ae_title="RESEARCH", port=free_port())
-    target = ResearchSettings(ae_title="RESEARCH", host=LOOPBACK, port=receiver_settings.port)
-    registry = LandingRegistry()
-    receiver = StorageSCP(receiver_settings, [Peer(local.ae_title, LOOPBACK)], registry)
+    target, registry, receiver = _our_scp_as_research(local)
     waits: list[float] = []
 
     def start_receiver(seconds: float) -> None:
@@ -118,10 +126,7 @@ def test_a_stopped_push_sends_no_further_file_and_says_so(
 ) -> None:
     """Stop is set when the second object lands: exactly two arrive, the rest are not sent."""
     manifest = study_factory(series_per_study=1, instances_per_series=6)
-    receiver_settings = replace(local, ae_title="RESEARCH", port=free_port())
-    target = ResearchSettings(ae_title="RESEARCH", host=LOOPBACK, port=receiver_settings.port)
-    registry = LandingRegistry()
-    receiver = StorageSCP(receiver_settings, [Peer(local.ae_title, LOOPBACK)], registry)
+    target, registry, receiver = _our_scp_as_research(local)
     stop = threading.Event()
     arrived: list[object] = []
 
