@@ -8,6 +8,9 @@ Contracts (one place for each):
   landing folder; otherwise a failure status from :class:`~anonpipe.scp.lander.Refused`, 0xA700
   when out of space, 0x0110 for anything unexpected. Never raises.
 - ``EVT_C_ECHO``: pynetdicom's default (success), reachable only by allowed peers.
+- ``EVT_CONN_CLOSE`` → :func:`on_closed`: an object whose transfer the connection cut is deleted
+  from the spool (:func:`~anonpipe.scp.spool.discard_unfinished`); the sender never got a success
+  for it.
 
 Logs carry AE titles, addresses and reasons; never UIDs or other header values.
 """
@@ -21,9 +24,9 @@ from anonpipe.dimse import Status
 from anonpipe.logs import get_logger
 from anonpipe.scp.lander import Lander, Refused, StoreRequest, Tally
 from anonpipe.scp.peers import PeerPolicy
-from anonpipe.scp.spool import spool_error
+from anonpipe.scp.spool import discard_unfinished, spool_error
 
-__all__ = ["on_c_store", "on_requested"]
+__all__ = ["on_c_store", "on_closed", "on_requested"]
 
 log = get_logger(__name__)
 
@@ -95,3 +98,13 @@ def _text(value: object) -> str | None:
         return None
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     return text.strip() or None
+
+
+def on_closed(event: Any) -> None:
+    """Delete the partial object an interrupted transfer left in the spool."""
+    if discard_unfinished(event.assoc):
+        log.warning(
+            "connection closed during a transfer: the partial object was discarded",
+            calling_ae=str(event.assoc.requestor.ae_title),
+            peer_address=str(event.assoc.requestor.address),
+        )

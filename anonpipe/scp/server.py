@@ -23,7 +23,7 @@ from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
 from anonpipe.scp import spool
-from anonpipe.scp.handlers import on_c_store, on_requested
+from anonpipe.scp.handlers import on_c_store, on_closed, on_requested
 from anonpipe.scp.lander import Lander, Tally
 from anonpipe.scp.landing import LandingRegistry
 from anonpipe.scp.peers import PeerPolicy
@@ -133,6 +133,7 @@ class StorageSCP:
             handlers = [
                 (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections]),
                 (evt.EVT_C_STORE, on_c_store, [self.lander]),
+                (evt.EVT_CONN_CLOSE, on_closed),
                 (evt.EVT_CONN_OPEN, set_nodelay),
             ]
             ae = self._application_entity()

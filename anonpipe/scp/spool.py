@@ -10,7 +10,10 @@ Two things about that are not acceptable for a resident service, so the SCP swap
 - a full disk raised ``OSError`` inside pynetdicom's network thread, which killed the association
   without an answer (the peer then waits out its timeout, and the partial file stayed). A
   :class:`SpoolFile` keeps the error, empties itself and lets the transfer finish; the C-STORE
-  handler then answers Out of Resources (0xA700).
+  handler then answers Out of Resources (0xA700);
+- an association that ends in the middle of an object (peer killed, network cut, abort) left
+  that partial file behind until the next restart, patient data and disk space included, for a
+  service that runs for months: :func:`discard_unfinished` deletes it when the connection closes.
 
 The swap targets ``pynetdicom.dimse_messages.NamedTemporaryFile`` (pynetdicom 3.0); the full-disk
 test in ``tests/net`` fails if a pynetdicom release stops calling it.
@@ -25,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpoolFile", "install", "spool_error", "sweep"]
+__all__ = ["SpoolFile", "discard_unfinished", "install", "spool_error", "sweep"]
 
 PREFIX = "in-"
 SUFFIX = ".dcm"
@@ -96,6 +99,23 @@ def spool_error(request: Any) -> OSError | None:
     """The write error of the C-STORE request's spool file, if writing it failed."""
     spool = getattr(request, "_dataset_file", None)
     return spool.error if isinstance(spool, SpoolFile) else None
+
+
+def discard_unfinished(assoc: Any) -> bool:
+    """Delete the spool file of the data set *assoc* was receiving when its connection closed.
+
+    pynetdicom keeps the message being decoded on the association's DIMSE provider and forgets
+    it, file and all, when the connection ends; a finished message was already handed over (and
+    its file landed or deleted). Returns whether there was a partial file.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    spool = getattr(message, "_data_set_file", None)
+    if not isinstance(spool, SpoolFile):
+        return False
+    spool.close()
+    Path(spool.name).unlink(missing_ok=True)
+    message._data_set_file = None  # type: ignore[union-attr]
+    return True
 
 
 def sweep(directory: Path) -> int:

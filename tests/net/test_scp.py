@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -288,3 +289,47 @@ def test_full_disk_answers_out_of_resources_and_keeps_serving(
         echoscu(scp.port, called_aet=OUR_AE, calling_aet="PYSCU")
     finally:
         scp.stop()
+
+
+def test_a_transfer_cut_midway_leaves_no_partial_object(
+    local: LocalSettings,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """The sender dies in the middle of a 64 MB object: its spool file (patient data) goes when
+    the connection closes, not at the next restart months later; the SCP keeps serving."""
+    manifest = study_factory(series_per_study=1, instances_per_series=1)
+    (path,) = manifest.paths
+    ds = dcmread(path)
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)
+    ds.save_as(path)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    scp = start_scp(local, registry, [Peer("STORESCU", LOOPBACK)], spool_dir=spool_dir)
+    sender: subprocess.Popen[bytes] | None = None
+    try:
+        with registry.expect(manifest.studies[0].study_instance_uid, tmp_path / "landing"):
+            sender = subprocess.Popen(
+                ["storescu", "-aec", OUR_AE, "-aet", "STORESCU", LOOPBACK, str(scp.port), path],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            _wait_until(lambda: any(f.stat().st_size > 2**20 for f in spool_dir.iterdir()))
+            sender.kill()
+            sender.wait(10)
+            _wait_until(lambda: not list(spool_dir.iterdir()))
+        assert not (tmp_path / "landing").exists() or not list((tmp_path / "landing").iterdir())
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="STORESCU")
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+        scp.stop()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
