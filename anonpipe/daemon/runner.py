@@ -17,12 +17,11 @@ import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from anonpipe.anon.batch import EngineSpec, engine_spec, run_in_worker, worker_pool
+from anonpipe.anon.batch import EngineSpec, engine_spec
 from anonpipe.anon.deidentify import Outcome
 from anonpipe.anon.identity import load_or_create_key
 from anonpipe.anon.quarantine import PROTOCOL_REASON
@@ -31,6 +30,7 @@ from anonpipe.daemon import rundir as audit
 from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.state import FileRecord, RunRecord, StateStore, StudyRecord
+from anonpipe.daemon.workers import DeidWorkers, Task
 from anonpipe.durable import sync_filesystem
 from anonpipe.hooks import Hook, HookError, run_hook
 from anonpipe.logs import get_logger
@@ -221,14 +221,14 @@ def _engine_spec(p: Pipeline, run: RunRecord, rdir: RunDir) -> EngineSpec:
 async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
     studies = [s for s in await p.store.studies(run.name) if s.state in ("selected", "pulling")]
     if studies:
-        pool = worker_pool(_engine_spec(p, run, rdir), p.settings.anon.jobs)
+        workers = DeidWorkers(_engine_spec(p, run, rdir), p.settings.anon.jobs)
         try:
             for study in studies:
                 if p.should_stop():
                     raise RunStopped
-                await _pull_one(p, run, rdir, study, pool)
+                await _pull_one(p, run, rdir, study, workers)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            workers.shutdown()
     await _advance(p, run.name, "checking")
     all_studies = await p.store.studies(run.name)
     files = sum(s.landed for s in all_studies)
@@ -240,18 +240,18 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
 
 
 async def _pull_one(
-    p: Pipeline, run: RunRecord, rdir: RunDir, study: StudyRecord, pool: ProcessPoolExecutor
+    p: Pipeline, run: RunRecord, rdir: RunDir, study: StudyRecord, workers: DeidWorkers
 ) -> None:
     loop = asyncio.get_running_loop()
     await p.store.update_study(run.name, study.review_id, state="pulling")
     landing_dir = rdir.from_staging / str(study.review_id)
     landing_dir.mkdir(parents=True, exist_ok=True)
-    task = (rdir.to_production, rdir.quarantine)
-    submitted: dict[str, asyncio.Future[Outcome]] = {}
+    submitted: dict[Task, asyncio.Future[Outcome]] = {}
 
     def submit(path: Path) -> None:
-        if path.name not in submitted and not path.name.startswith("."):
-            submitted[path.name] = loop.run_in_executor(pool, run_in_worker, (path, *task))
+        task = (path, rdir.to_production, rdir.quarantine)
+        if task not in submitted and not path.name.startswith("."):
+            submitted[task] = workers.submit(task)
 
     def on_arrival(arrival: Arrival) -> None:  # SCP thread: hand over to the loop
         loop.call_soon_threadsafe(submit, arrival.path)
@@ -282,7 +282,7 @@ async def _pull_one(
         raise RunStopped
     for path in sorted(landing_dir.iterdir()):
         submit(path)
-    outcomes = [await future for future in list(submitted.values())]
+    outcomes = await workers.outcomes(dict(submitted))  # late arrival callbacks add nothing new
     await asyncio.to_thread(sync_filesystem, rdir.path)
     records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(run.name, records)

@@ -77,8 +77,8 @@ class Daemon:
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}: {self.log_tail()}")
 
-    def log_tail(self) -> str:
-        return (self.site.root / "daemon.log").read_text(errors="replace")[-3000:]
+    def log_tail(self, chars: int = 3000) -> str:
+        return (self.site.root / "daemon.log").read_text(errors="replace")[-chars:]
 
     def kill(self) -> None:
         """kill -9 the daemon and everything it started (its de-identification workers), as
@@ -353,4 +353,52 @@ def test_sigterm_during_a_pull_aborts_the_move_then_resumes(
     assert run is not None and _files(run / "from_staging") < 80
     assert not site.research.instances()
     _resume(site, short_dir)
+    _assert_same_as_uninterrupted(site)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is *pid* (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _deid_workers(daemon_pid: int) -> list[int]:
+    """The de-identification workers: children of the daemon's multiprocessing forkserver."""
+    workers = []
+    for child in _children(daemon_pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            workers += _children(child)
+    return workers
+
+
+def test_a_worker_killed_during_deidentification_costs_nothing(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    """The OOM killer (here: SIGKILL) takes a de-identification worker in the middle of a
+    study: the pool is rebuilt, the lost files are done again, and the run ends as if nothing
+    had happened, without an operator."""
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+    daemon = Daemon(site, short_dir)
+    try:
+
+        def deidentifying(site: Site) -> bool:
+            run = _run_dir(site)
+            return run is not None and _files(run / "to_production") > 5
+
+        daemon.wait_for(lambda: deidentifying(site), what="de-identification", timeout=180)
+        workers = _deid_workers(daemon.proc.pid)
+        assert workers, "no de-identification worker found"
+        os.kill(workers[0], signal.SIGKILL)
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+    finally:
+        assert daemon.terminate() == 0
+    assert "a de-identification worker died" in daemon.log_tail(100_000)
     _assert_same_as_uninterrupted(site)

@@ -1,0 +1,94 @@
+"""A run's de-identification worker processes, rebuilt when one of them dies.
+
+A worker can die without an exception reaching us: the kernel's OOM killer, an operator's
+``kill``, a crash in native code. A :class:`~concurrent.futures.ProcessPoolExecutor` is then
+broken for good: every file in flight fails with ``BrokenProcessPool`` and nothing more can be
+submitted. Rather than fail the run and wait for an operator, the pool is rebuilt and the files it
+lost are de-identified again (idempotent: the same outputs, the identity mappings reused). A pool
+that breaks again on those same files is not an accident; that fails the run, as before, with a
+message that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from anonpipe.anon.batch import EngineSpec, run_in_worker, worker_pool
+from anonpipe.anon.deidentify import Outcome
+from anonpipe.logs import get_logger
+
+__all__ = ["DeidWorkers", "WorkersDied"]
+
+log = get_logger(__name__)
+
+#: (source file, clean folder, quarantine folder): what :func:`run_in_worker` takes.
+Task = tuple[Path, Path, Path]
+
+
+class WorkersDied(RuntimeError):
+    """The pool broke again while redoing the files a dead worker lost."""
+
+
+class DeidWorkers:
+    """``submit`` files as they land, then ``outcomes`` of them all; ``shutdown`` at the end."""
+
+    def __init__(self, spec: EngineSpec, jobs: int) -> None:
+        self._spec = spec
+        self._jobs = jobs
+        self._pool = worker_pool(spec, jobs)
+        #: How often the pool was rebuilt (for tests and the log).
+        self.rebuilds = 0
+
+    def submit(self, task: Task) -> asyncio.Future[Outcome]:
+        """Start de-identifying one file; call from the event loop's thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            return loop.run_in_executor(self._pool, run_in_worker, task)
+        except BrokenProcessPool as exc:  # broke earlier: redone in outcomes()
+            future: asyncio.Future[Outcome] = loop.create_future()
+            future.set_exception(exc)
+            return future
+
+    async def outcomes(self, submitted: dict[Task, asyncio.Future[Outcome]]) -> list[Outcome]:
+        """Each submitted file's outcome, in order; what a dead worker lost is done again once.
+
+        Raises
+        ------
+        WorkersDied
+            If the rebuilt pool breaks as well.
+        """
+        done: dict[Task, Outcome] = {}
+        lost: list[Task] = []
+        for task, future in submitted.items():
+            try:
+                done[task] = await future
+            except BrokenProcessPool:
+                lost.append(task)
+        if lost:
+            log.warning(
+                "a de-identification worker died; its files are done again in a new pool",
+                files=len(lost),
+            )
+            self._rebuild()
+            again = {task: self.submit(task) for task in lost}
+            for task, future in again.items():
+                try:
+                    done[task] = await future
+                except BrokenProcessPool as exc:
+                    raise WorkersDied(
+                        f"de-identification workers died twice on the same {len(lost)} files: "
+                        "one of them may crash the engine or exhaust memory (see the kernel log); "
+                        "move it aside, then restart-run"
+                    ) from exc
+        return [done[task] for task in submitted]
+
+    def shutdown(self) -> None:
+        """Stop the workers (files not started are dropped; a resumed run redoes them)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _rebuild(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = worker_pool(self._spec, self._jobs)
+        self.rebuilds += 1
