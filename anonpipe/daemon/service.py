@@ -60,6 +60,7 @@ class Service:
         #: Set on SIGTERM/SIGINT or stop(); read from the push threads too.
         self.shutting_down = threading.Event()
         self.waiting: str | None = None
+        self._down = ""  # the unreachable PACS at the last cycle, for logging changes only
         self.peers: dict[str, Any] = {}
         self._poll = asyncio.Event()
         self._shutdown: asyncio.Event | None = None
@@ -173,15 +174,19 @@ class Service:
             self.waiting = f"waiting: {failed} failed; fix the cause, then restart-run"
             self.notifier.status(self.waiting)
             return
-        if down := self._unreachable(run):
+        down = self._unreachable(run)
+        if down != self._down:  # logged when it changes, not every cycle
+            if down:
+                log.warning("peer unreachable; no run started or resumed", peers=down)
+            else:
+                log.info("peers reachable again; runs go on")
+            self._down = down
+        if down:
             # Starting anyway would fail every study of the run (and a research PACS that is
             # down would get them written back as errors): wait, and ask again next cycle.
             every = self.settings.review.poll_interval
-            waiting = f"waiting: {down} (asking again every {every:g} s)"
-            if waiting != self.waiting:  # once per outage, not every cycle
-                log.warning("peer unreachable; no run started or resumed", peers=down)
-            self.waiting = waiting
-            self.notifier.status(waiting)
+            self.waiting = f"waiting: {down} (asking again every {every:g} s)"
+            self.notifier.status(self.waiting)
             return
         self.waiting = None
         try:

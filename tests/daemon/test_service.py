@@ -4,6 +4,8 @@ and a misroute that stops pulling until an operator resumes."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -95,7 +97,9 @@ def test_research_down_is_retried_then_written_back_as_failed(site: Site) -> Non
     assert run.read_lines("overview.txt")[-1] == "0 studies marked as pushed"
 
 
-def test_scheduler_waits_for_a_research_pacs_that_is_down(site: Site) -> None:
+def test_scheduler_waits_for_a_research_pacs_that_is_down(
+    site: Site, log_output: io.StringIO
+) -> None:
     """The daemon does not start a run it could only fail: nothing pulled, nothing written back,
     status says what it waits for; once the PACS answers, the next cycle runs."""
     settings = load_settings(site.config_path, {})
@@ -106,6 +110,7 @@ def test_scheduler_waits_for_a_research_pacs_that_is_down(site: Site) -> None:
         await service.start(control=False)
         try:
             await service._cycle()
+            await service._cycle()  # still down: waits again, says it once
             runs_while_down = list(await service.store.runs())
             status = await service._status({})
             peers = dict(status["peers"])  # the service replaces its entries at each echo
@@ -123,6 +128,9 @@ def test_scheduler_waits_for_a_research_pacs_that_is_down(site: Site) -> None:
     assert state.endswith(f"(asking again every {settings.review.poll_interval:g} s)")
     assert peers["research"]["ok"] is False and peers["staging"]["ok"] is True
     assert final == "done"
+    events = [json.loads(line)["event"] for line in log_output.getvalue().splitlines()]
+    assert events.count("peer unreachable; no run started or resumed") == 1
+    assert events.count("peers reachable again; runs go on") == 1
     assert len(site.research.instances()) == site.expected_instances()
     for uid in site.approved_uids:
         row = site.review.find_study(uid)
