@@ -44,7 +44,7 @@ def test_a_stopped_pull_keeps_what_landed_and_a_later_pull_completes(
     tmp_path: Path,
 ) -> None:
     """Stop is set when the 5th object lands: the move is aborted, not waited for."""
-    manifest = study_factory(series_per_study=2, instances_per_series=30)
+    manifest = study_factory(series_per_study=2, instances_per_series=100)
     staging_orthanc.upload(manifest.paths)
     (study_uid,) = manifest.study_uids
     stop = threading.Event()
@@ -60,7 +60,7 @@ def test_a_stopped_pull_keeps_what_landed_and_a_later_pull_completes(
         local, staging, registry, study_uid, landing_dir, on_arrival=on_arrival, stop=stop
     )
     assert result.status == "stopped" and not result.complete
-    assert 5 <= result.landed < 60 and result.expected == 60
+    assert 5 <= result.landed < 200 and result.expected == 200
     assert len(list(landing_dir.iterdir())) == result.landed  # each landed file whole, kept
     again = pull_study(local, staging, registry, study_uid, landing_dir)
     assert again.status == "complete", again.detail
