@@ -12,6 +12,7 @@ is never written twice.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import shutil
 import threading
@@ -80,6 +81,8 @@ class Pipeline:
     current: str | None = None
     #: Studies held back at the last selection (review id and reason), for status.
     held: list[dict[str, object]] = field(default_factory=list)
+    #: Files in the research PACS so far, per study being pushed (review id), for status.
+    pushing: dict[int, int] = field(default_factory=dict)
     #: Told every run state change (the service sends it to systemd as STATUS=).
     on_state: Callable[[str], None] = lambda _text: None
 
@@ -408,13 +411,17 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         todo = [f for f in files if f.sop_instance_uid not in present and f.output]
         if already:
             await p.store.mark_pushed(run.name, study.review_id, [f.name for f in already])
-        report = await asyncio.to_thread(
-            push_files,
-            settings.local,
-            settings.research,
-            [Path(f.output or "") for f in todo],
-            stop=p.shutting_down,
-        )
+        try:
+            report = await asyncio.to_thread(
+                push_files,
+                settings.local,
+                settings.research,
+                [Path(f.output or "") for f in todo],
+                on_stored=_progress(p.pushing, study.review_id, len(already)),
+                stop=p.shutting_down,
+            )
+        finally:
+            del p.pushing[study.review_id]
         stored_paths = {r.path for r in report.stored}
         stored = [f.name for f in todo if Path(f.output or "") in stored_paths]
         await p.store.mark_pushed(run.name, study.review_id, stored)
@@ -461,6 +468,19 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         if reason:
             p.note_error(f"{run.name}: study {study.review_id}: {reason}")
     await _advance(p, run.name, "writing_back")
+
+
+def _progress(counts: dict[int, int], key: int, start: int) -> Callable[[], None]:
+    """``counts[key] = start``, and a callable that adds one from any thread (live progress)."""
+    following = itertools.count(start + 1)
+    lock = threading.Lock()
+    counts[key] = start
+
+    def step() -> None:
+        with lock:
+            counts[key] = next(following)
+
+    return step
 
 
 async def _write_back(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:

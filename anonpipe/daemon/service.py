@@ -262,8 +262,10 @@ class Service:
 
     async def _study_rows(self, run: str) -> list[dict[str, Any]]:
         # Review ids and counts only: no original UIDs or accession numbers on the socket.
-        return [
-            {
+        rows = []
+        pushing = self.pipeline.pushing if self.pipeline else {}
+        for s in await self.store.studies(run):
+            row = {
                 "study": s.review_id,
                 "step": s.state,
                 "expected": s.expected,
@@ -273,8 +275,14 @@ class Service:
                 "pushed": s.pushed,
                 "reason": s.reason,
             }
-            for s in await self.store.studies(run)
-        ]
+            # Live progress of the step in hand (the store has the counts once it is done).
+            landing = self.registry.get(s.original_study_uid) if s.state == "pulling" else None
+            if landing is not None:
+                row.update(expected=landing.expected, landed=landing.landed)
+            if s.state == "pushing" and s.review_id in pushing:
+                row["pushed"] = pushing[s.review_id]
+            rows.append(row)
+        return rows
 
     async def _runs(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
         return [

@@ -59,6 +59,8 @@ class Landing:
     study_uid: str
     directory: Path
     on_arrival: ArrivalHandler | None = None
+    #: How many instances the pull expects (its C-FIND count), for progress; None if unknown.
+    expected: int | None = None
     _instances: set[str] = field(default_factory=set)
     _refused: int = 0
     _associations: set[int] = field(default_factory=set)
@@ -130,7 +132,11 @@ class LandingRegistry:
             return self._landings.get(study_uid)
 
     def register(
-        self, study_uid: str, directory: Path, on_arrival: ArrivalHandler | None = None
+        self,
+        study_uid: str,
+        directory: Path,
+        on_arrival: ArrivalHandler | None = None,
+        expected: int | None = None,
     ) -> Landing:
         """Expect *study_uid* in *directory* (created, must be on the SCP's filesystem).
 
@@ -146,7 +152,7 @@ class LandingRegistry:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LandingError(f"cannot create landing folder {directory}: {exc.strerror}") from exc
-        landing = Landing(study_uid, directory, on_arrival)
+        landing = Landing(study_uid, directory, on_arrival, expected)
         with self._lock:
             if study_uid in self._landings:
                 raise LandingError("this study is already being pulled by another run")
@@ -161,10 +167,14 @@ class LandingRegistry:
 
     @contextmanager
     def expect(
-        self, study_uid: str, directory: Path, on_arrival: ArrivalHandler | None = None
+        self,
+        study_uid: str,
+        directory: Path,
+        on_arrival: ArrivalHandler | None = None,
+        expected: int | None = None,
     ) -> Iterator[Landing]:
         """``with registry.expect(uid, folder) as landing:`` register, and always unregister."""
-        landing = self.register(study_uid, directory, on_arrival)
+        landing = self.register(study_uid, directory, on_arrival, expected)
         try:
             yield landing
         finally:

@@ -223,7 +223,7 @@ def pull_study(
         )
     counters = _Counters()
     stopped = False
-    with registry.expect(study_uid, landing_dir, on_arrival) as landing:
+    with registry.expect(study_uid, landing_dir, on_arrival, found.instances) as landing:
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.StudyInstanceUID = study_uid

@@ -159,6 +159,7 @@ def push_files(
     retries: int | None = None,
     retry_backoff: float | None = None,
     on_result: ResultHandler | None = None,
+    on_stored: Callable[[], None] | None = None,
     stop: threading.Event | None = None,
     sleep: Callable[[float], object] | None = None,
 ) -> PushReport:
@@ -178,6 +179,8 @@ def push_files(
         Seconds before the first retry, doubled each round (``research.retry_backoff``).
     on_result : callable, optional
         Called once per file with its final result (from the calling thread).
+    on_stored : callable, optional
+        Called as each file is stored, from the sending threads (live progress).
     stop : threading.Event, optional
         Once set (from any thread), no further file is sent, a retry wait ends, and the report
         is ``stopped``.
@@ -215,7 +218,7 @@ def push_files(
                 delay_s=delay,
             )
             sleep(delay)
-        outcomes = _send_round(local, research, pending, associations, stop)
+        outcomes = _send_round(local, research, pending, associations, stop, on_stored)
         retry: list[PushItem] = []
         for item, status, error, transient in outcomes:
             if error == NOT_SENT_STOPPED:
@@ -291,15 +294,16 @@ def _send_round(
     items: Sequence[PushItem],
     parallel: int,
     stop: threading.Event,
+    on_stored: Callable[[], None] | None,
 ) -> list[_Outcome]:
     """Send *items* over up to *parallel* associations, each owned by one thread."""
     if not items:
         return []
     shares = [list(items[i::parallel]) for i in range(min(parallel, len(items)))]
     if len(shares) == 1:
-        return _send_share(local, research, shares[0], stop)
+        return _send_share(local, research, shares[0], stop, on_stored)
     with ThreadPoolExecutor(len(shares), thread_name_prefix="push") as pool:
-        done = pool.map(lambda share: _send_share(local, research, share, stop), shares)
+        done = pool.map(lambda share: _send_share(local, research, share, stop, on_stored), shares)
         return [outcome for share in done for outcome in share]
 
 
@@ -308,6 +312,7 @@ def _send_share(
     research: ResearchSettings,
     items: list[PushItem],
     stop: threading.Event,
+    on_stored: Callable[[], None] | None,
 ) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
     for batch, contexts in _batches(items):
@@ -325,7 +330,10 @@ def _send_share(
                         lost = batch[index:]
                         outcomes.extend((rest, None, "association lost", True) for rest in lost)
                         break
-                    outcomes.append(_send_one(assoc, item))
+                    outcome = _send_one(assoc, item)
+                    outcomes.append(outcome)
+                    if on_stored is not None and _outcome(outcome[1]) != "failed":
+                        on_stored()
         except PeerUnavailable as exc:
             sent = {id(o[0]) for o in outcomes}
             outcomes.extend(

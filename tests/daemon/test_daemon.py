@@ -402,3 +402,27 @@ def test_a_worker_killed_during_deidentification_costs_nothing(
         assert daemon.terminate() == 0
     assert "a de-identification worker died" in daemon.log_tail(100_000)
     _assert_same_as_uninterrupted(site)
+
+
+def test_status_shows_the_pull_and_the_push_as_they_progress(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    """An operator asking during a long pull or push sees how far it is, not zeros."""
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+    daemon = Daemon(site, short_dir)
+    seen: list[dict[str, object]] = []
+    try:
+        daemon.wait_for(lambda: site.socket_path.exists(), what="the control socket")
+        deadline = time.monotonic() + 180
+        while _run_state(site) != "done" and time.monotonic() < deadline:
+            with contextlib.suppress(ctl.ControlError):
+                seen += ctl.request(site.socket_path, "status", {})["studies"]
+            time.sleep(0.01)
+        assert _run_state(site) == "done"
+    finally:
+        assert daemon.terminate() == 0
+    pulling = [r for r in seen if r["step"] == "pulling"]
+    pushing = [r for r in seen if r["step"] == "pushing"]
+    assert any(0 < r["landed"] < r["expected"] for r in pulling), pulling[-5:]  # type: ignore[operator]
+    assert {r["expected"] for r in pulling if r["landed"]} <= {80, 81}
+    assert any(0 < r["pushed"] < r["clean"] for r in pushing), pushing[-5:]  # type: ignore[operator]
