@@ -248,22 +248,10 @@ def pull_study(
         if counters.final is not None:
             landing.wait_for(counters.completed, grace)
         landed, refused = landing.landed, landing.refused
+    result = _judge(found.instances, found.series, counters, landed, refused, start, stopped)
     if stopped:
         log.info("pull stopped", expected=found.instances, landed=landed)
-        return PullResult(
-            "stopped",
-            found.instances,
-            found.series,
-            counters.completed,
-            counters.failed,
-            counters.warning,
-            landed,
-            refused,
-            None,
-            time.monotonic() - start,
-            "stopped before the end of the move",
-        )
-    result = _judge(found.instances, found.series, counters, landed, refused, start)
+        return result
     if result.status == "misrouted":
         message = (
             f"{describe(staging)} reported {counters.completed} sub-operations completed but only "
@@ -300,10 +288,13 @@ def _judge(
     landed: int,
     refused: int,
     start: float,
+    stopped: bool = False,
 ) -> PullResult:
     """Decide the pull's status from what the PACS said and what arrived."""
     final = counters.final
-    if counters.completed > landed:
+    if stopped:
+        status, detail = "stopped", "stopped before the end of the move"
+    elif counters.completed > landed:
         status, detail = "misrouted", "completed sub-operations that never reached us"
     elif final is None:
         status, detail = "incomplete", "no final C-MOVE response (timeout or abort)"
