@@ -151,12 +151,19 @@ def _anonymize(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     progress.done()
     print(
-        f"{summary.total} files: {summary.clean} clean, "
+        f"{summary.total} files: {summary.clean} clean, {summary.duplicates} duplicates, "
         f"{sum(summary.quarantined.values())} quarantined, {sum(summary.errors.values())} errors"
     )
+    if summary.duplicates:
+        print("  duplicates: same SOP Instance UID and content as a file written: written once")
     for label, counts in (("quarantined", summary.quarantined), ("errors", summary.errors)):
         for reason, count in sorted(counts.items()):
             print(f"  {label}: {reason}: {count}")
+    for attribute, count in sorted(summary.disagreements.items()):
+        print(
+            f"  patient identity: {count} files differ from their study's first object in"
+            f" {attribute} (they keep the study's pseudonyms)"
+        )
     print(f"clean files in {args.dest}; quarantine in {quarantine_dir}")
     return EXIT_FAILURE if summary.errors else EXIT_OK
 

@@ -81,8 +81,8 @@ _sql_identifier = _matching(
     r"[A-Za-z_][A-Za-z0-9_]*", "an SQL identifier: a letter or _, then letters, digits or _"
 )
 _modality = _matching(
-    r"[A-Z0-9_ ]{1,16}",
-    "a modality code (up to 16 letters, digits, _ or space), e.g. CT",
+    r"[A-Z0-9_ ]{1,16}|\*",
+    "a modality code (up to 16 letters, digits, _ or space), e.g. CT, or * for every modality",
     lambda v: v.strip().upper(),
 )
 
@@ -293,6 +293,7 @@ class AnonSettings:
     date_shift_days: tuple[int, int] = field(default=(-365, -1), metadata={"check": _shift_range})
     jobs: int = field(default=0, metadata={"check": _between(0)})
     safe_private: tuple[str, ...] = field(default=(), metadata={"each": _non_empty})
+    patient_key: str = field(default="id", metadata={"check": _one_of("id", "id+issuer")})
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ allowed_modalities = ["CT", "MR"]
 limited_vocabulary = ""
 dates = "shift"
 options = ["clean_descriptors"]
+patient_key = "id"
 
 [control]
 socket = "/run/anonpipe/control.sock"

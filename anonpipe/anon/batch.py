@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from anonpipe.anon.clean import Recipe
 from anonpipe.anon.deidentify import Outcome, deidentify_file
+from anonpipe.anon.duplicates import Duplicates
 from anonpipe.anon.identity import IdentityStore
 from anonpipe.anon.profile import build_profile
 from anonpipe.anon.quarantine import QuarantineRule, load_rules
@@ -41,6 +42,7 @@ class EngineSpec:
     shift_days: tuple[int, int] = (-365, -1)
     vocabulary: Path | None = None
     safe_private: tuple[str, ...] = ()
+    patient_key: str = "id"
 
 
 def engine_spec(anon: AnonSettings, key: bytes, identity_db: Path | None = None) -> EngineSpec:
@@ -54,30 +56,41 @@ def engine_spec(anon: AnonSettings, key: bytes, identity_db: Path | None = None)
         shift_days=anon.date_shift_days,
         vocabulary=anon.limited_vocabulary,
         safe_private=anon.safe_private,
+        patient_key=anon.patient_key,
     )
 
 
 @dataclass
 class Summary:
-    """Counts of one batch, by outcome and reason."""
+    """Counts of one batch, by outcome and reason.
+
+    ``disagreements`` counts, per identifying attribute, the objects that named their patient
+    differently from their study's first object (they got the study's pseudonyms all the same).
+    """
 
     clean: int = 0
+    duplicates: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    disagreements: Counter[str] = field(default_factory=Counter)
 
     def add(self, outcome: Outcome) -> None:
         """Count one outcome."""
         if outcome.status == "clean":
             self.clean += 1
+        elif outcome.status == "duplicate":
+            self.duplicates += 1
         elif outcome.status == "quarantined":
             self.quarantined[outcome.reason or "unknown"] += 1
         else:
             self.errors[outcome.reason or "unknown"] += 1
+        self.disagreements.update(outcome.disagrees)
 
     @property
     def total(self) -> int:
         """Files handled."""
-        return self.clean + sum(self.quarantined.values()) + sum(self.errors.values())
+        handled = self.clean + self.duplicates
+        return handled + sum(self.quarantined.values()) + sum(self.errors.values())
 
 
 class Engine:
@@ -91,7 +104,9 @@ class Engine:
             safe_private=frozenset(s.strip().casefold() for s in spec.safe_private),
         )
         self.rules: tuple[QuarantineRule, ...] = load_rules(spec.allowed_modalities)
-        self.store = IdentityStore(spec.identity_db, spec.key, spec.shift_days)
+        self.store = IdentityStore(
+            spec.identity_db, spec.key, spec.shift_days, patient_key=spec.patient_key
+        )
 
     def run(
         self, source: Path, clean_dir: Path, quarantine_dir: Path, durable: bool = True
@@ -174,16 +189,19 @@ def run_batch(
     Parameters
     ----------
     on_outcome
-        Called in this process for every file, in input order, as results arrive.
+        Called in this process for every file, in input order, as results arrive (after the
+        :class:`~anonpipe.anon.duplicates.Duplicates` judge: one clean outcome per output).
     """
     jobs = jobs or os.cpu_count() or 1
     # create the identity store (schema, WAL) here, once: workers racing to create a new file
     # can fail ("disk I/O error" on the WAL switch), and an error belongs to the caller
     IdentityStore(spec.identity_db, spec.key, spec.shift_days).close()
     summary = Summary()
+    duplicates = Duplicates(quarantine_dir)
     tasks = ((path, clean_dir, quarantine_dir) for path in files)
 
     def report(outcome: Outcome) -> None:
+        outcome = duplicates.judge(outcome)
         summary.add(outcome)
         if on_outcome is not None:
             on_outcome(outcome)

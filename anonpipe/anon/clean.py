@@ -13,7 +13,10 @@ an element of a given VR. Decisions of ours, beyond Table E.1-1:
   offset (dates = shift), kept (keep) or emptied (remove), so no original date survives;
 * Clean (C) without a cleaner for the value falls back to the basic action: descriptors on the
   limited vocabulary are kept verbatim, anything else is removed as the basic profile says;
-* a public element of unknown VR (UN, not in pydicom's dictionary) is removed: we cannot judge it.
+* a public element the dictionary does not know (and any sequence of that kind, with everything
+  nested in it), one whose explicit VR contradicts the dictionary, one of unknown VR (UN), and a
+  binary one whose value count contradicts the dictionary's multiplicity are removed: we cannot
+  judge what they hold (a tag corrupted in transit can carry a patient ID anywhere).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -32,8 +35,8 @@ from pydicom.tag import BaseTag
 
 from anonpipe.anon.identity import IdentityStore, PatientPseudonym
 from anonpipe.anon.profile import Action, Profile
-from anonpipe.anon.residual import IDENTIFYING_KEYWORDS, may_identify
-from anonpipe.anon.values import values_of
+from anonpipe.anon.residual import CONTEXT_KEYWORDS, IDENTIFYING_KEYWORDS, may_identify
+from anonpipe.anon.values import known_tag, values_of
 from anonpipe.anon.vocabulary import Vocabulary
 
 STANDARD_UID_ROOT = "1.2.840.10008."
@@ -81,6 +84,29 @@ _DATE_OPTION = "retain_longitudinal_modified_dates"
 #: Patient Name, Patient ID, Accession Number, Study ID: replaced by keyed pseudonyms.
 PSEUDONYM_TAGS = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00200010})
 
+#: Text anonpipe writes whatever the input (case-folded): the residual gate does not count an
+#: input value equal to one of these as leaked where the output holds our value.
+DUMMY_TEXTS: frozenset[str] = frozenset(
+    str(v).casefold() for v in DUMMY_BY_VR.values() if isinstance(v, str)
+)
+
+
+class ElementError(Exception):
+    """Cleaning failed at one element; ``path`` is its tag path, ``kind`` the exception type.
+
+    Carries no value (values may be PHI), so it is safe for the audit trail and logs.
+    """
+
+    def __init__(self, kind: str, path: str) -> None:
+        super().__init__(f"{kind} at {path}")
+        self.kind = kind
+        self.path = path
+
+
+def tag_text(tag: int) -> str:
+    """``(gggg,eeee)``: how the audit trail names an element."""
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -96,7 +122,8 @@ class Cleaner:
     """Clean the data sets of one file for one patient; remembers what it kept verbatim.
 
     ``kept`` (tags copied unchanged although identifying or private) tells the residual-PHI gate
-    which input values it should not look for: the profile kept them on purpose.
+    which input values it should not look for: the profile kept them on purpose. ``written``
+    holds the (case-folded) replacement texts it wrote: pseudonyms and dummies.
     """
 
     def __init__(self, recipe: Recipe, store: IdentityStore, patient: PatientPseudonym) -> None:
@@ -104,6 +131,7 @@ class Cleaner:
         self.store = store
         self.patient = patient
         self.kept: set[BaseTag] = set()
+        self.written: set[str] = set(DUMMY_TEXTS)
         self._pseudonyms: dict[int, Callable[[str], str]] = {  # keys: PSEUDONYM_TAGS
             0x00100010: self._patient_name,
             0x00100020: lambda _original: patient.patient_id,
@@ -123,13 +151,18 @@ class Cleaner:
         for tag in source.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
             item = source.get_item(tag)
             if isinstance(item, RawDataElement):
-                fate = unread_fate(self.recipe.profile, int(tag), item.VR)
+                fate = unread_fate(self.recipe.profile, int(tag), item.VR, item.length)
                 if fate == "copy":
                     out[tag] = item
                     continue
                 if fate == "drop":
                     continue
-            cleaned = self.element(source[tag], source)
+            try:
+                cleaned = self.element(source[tag], source)
+            except ElementError as exc:
+                raise ElementError(exc.kind, tag_text(tag) + exc.path) from exc
+            except Exception as exc:  # pydicom cannot convert or the value is unusable
+                raise ElementError(type(exc).__name__, tag_text(tag)) from exc
             if cleaned is not None:
                 out.add(cleaned)
         return out
@@ -147,7 +180,11 @@ class Cleaner:
         pseudonym = self._pseudonyms.get(int(tag))
         if pseudonym is not None and rule.action is not Action.KEEP:
             text = str(element.value or "").strip()
-            return DataElement(tag, element.VR, pseudonym(text) if text else None)
+            if not text:
+                return DataElement(tag, element.VR, None)
+            new = pseudonym(text)
+            self.written.add(new.casefold())
+            return DataElement(tag, element.VR, new)
         action = rule.action
         if action is Action.CLEAN:
             action = self._clean_action(element, rule.option, rule.basic)
@@ -184,10 +221,12 @@ class Cleaner:
 
     def _unlisted(self, element: DataElement) -> DataElement | None:
         vr = element.VR
+        size = _VALUE_SIZE.get(vr)
+        length = None if size is None else size * len(values_of(element.value))
+        if not _judgeable(int(element.tag), vr, length):
+            return None
         if vr == "SQ":
             return self._sequence(element)
-        if vr == "UN":
-            return None
         if vr == "UI":
             return self._uids(element)
         if vr in ("DA", "DT"):
@@ -195,7 +234,12 @@ class Cleaner:
         return element
 
     def _sequence(self, element: DataElement) -> DataElement:
-        items = DicomSequence([self.dataset(item) for item in element.value or ()])
+        items = DicomSequence()
+        for index, item in enumerate(element.value or ()):
+            try:
+                items.append(self.dataset(item))
+            except ElementError as exc:
+                raise ElementError(exc.kind, f"[{index}]{exc.path}") from exc
         return DataElement(element.tag, "SQ", items)
 
     def _private(self, element: DataElement, parent: Dataset) -> DataElement | None:
@@ -239,17 +283,45 @@ class Cleaner:
 
 
 _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
+#: Bytes per value of the binary VRs whose value count the dictionary's multiplicity fixes.
+_VALUE_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
 
 
 @lru_cache(maxsize=8192)
-def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
+def _judgeable(tag: int, vr: str | None, length: int | None = None) -> bool:
+    """Whether an unlisted public element means what the dictionary says, so it may be kept.
+
+    Not when the dictionary does not know the tag, when the element's VR is UN or contradicts
+    the dictionary's, or when a binary value's size contradicts the dictionary's multiplicity
+    (text written into a US element, an implicit-VR file whose tag was corrupted).
+    """
+    if not known_tag(tag) or vr == "UN":
+        return False
+    expected = dictionary_VR(tag)
+    if vr is not None and vr not in expected.split(" or "):
+        return False
+    vr = vr or expected
+    size = _VALUE_SIZE.get(vr)
+    if size is None or length is None or length == 0xFFFFFFFF:
+        return True
+    if length % size:
+        return False
+    multiplicity = dictionary_VM(tag)
+    if multiplicity.isdigit():
+        return length == int(multiplicity) * size
+    return True
+
+
+@lru_cache(maxsize=8192)
+def unread_fate(profile: Profile, tag: int, vr: str | None, length: int | None = None) -> str:
     """What happens to a still-encoded element whatever its value: copy, drop, or read it.
 
     ``copy`` for public elements the profile does not list, whose VR is known and not one that
-    unlisted elements get treated for (sequences, UIDs, dates, names, unknown VR), and that do
-    not identify anyone; ``drop`` for group lengths, private elements (unless safe private ones
-    may be kept) and listed elements whose action is X (except those we pseudonymise); ``read``
-    otherwise. Deciding before decoding spares pydicom most of a header's conversions.
+    unlisted elements get treated for (sequences, UIDs, dates, names), and that do not identify
+    anyone; ``drop`` for group lengths, private elements (unless safe private ones may be kept),
+    listed elements whose action is X (except those we pseudonymise) and unlisted elements the
+    dictionary cannot vouch for (:func:`_judgeable`); ``read`` otherwise. Deciding before
+    decoding spares pydicom most of a header's conversions.
     """
     if tag & 0xFFFF == 0:
         return "drop"
@@ -259,12 +331,14 @@ def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
     if rule is not None:
         removed = rule.action is Action.REMOVE and tag not in PSEUDONYM_TAGS
         return "drop" if removed else "read"
-    if vr is None:  # implicit VR: the dictionary's
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            return "read"
-    if vr in _NEVER_UNREAD or keyword_for_tag(tag) in IDENTIFYING_KEYWORDS:
+    if not _judgeable(tag, vr, length):
+        return "drop"
+    keyword = keyword_for_tag(tag)
+    if (
+        (vr or dictionary_VR(tag)) in _NEVER_UNREAD
+        or keyword in IDENTIFYING_KEYWORDS
+        or keyword in CONTEXT_KEYWORDS
+    ):
         return "read"
     return "copy"
 

@@ -47,6 +47,9 @@ _CHUNK = 1 << 20
 # Everything except the pixel span is held in memory; beyond this the file is refused rather than
 # risking the worker (an encapsulated document this large, or a deflate bomb).
 _MAX_HEADER_BYTES = 128 << 20
+#: Sequences nested deeper than this are refused: real objects (SR content trees included) stay
+#: far below, and every reader and writer of a data set recurses once per level.
+MAX_NESTING = 48
 
 
 class MalformedDicom(Exception):
@@ -140,11 +143,22 @@ class _Walker:
             return tag, vr, 12, self._unpack32(self._read(pos + 8, 4))[0]
         return tag, vr, 8, length
 
-    def dataset(self, pos: int, end: int | None, stop: Callable[[int], bool] | None = None) -> int:
+    def dataset(
+        self,
+        pos: int,
+        end: int | None,
+        stop: Callable[[int], bool] | None = None,
+        depth: int = 0,
+    ) -> int:
         """Walk elements up to `end` (``None``: up to and past an item delimiter).
 
         Returns the offset reached, or that of the first element whose tag satisfies `stop`.
+        `depth` counts the sequences around this data set (see :data:`MAX_NESTING`).
         """
+        if depth > MAX_NESTING:
+            raise MalformedDicom(
+                "sequences nested too deeply", f"more than {MAX_NESTING} levels at offset {pos}"
+            )
         limit = self.size if end is None else end
         while end is None or pos < end:
             tag, vr, header_length, length = self.header(pos, stop)
@@ -164,16 +178,16 @@ class _Walker:
                 # undefined-length OB/OW (an icon's pixel data) holds fragments, not datasets.
                 walker = _Walker(self.fp, self.size, True, True) if vr == b"UN" else self
                 fragments = vr in (b"OB", b"OW") or tag in _PIXEL_TAGS
-                pos = walker.items(pos, None, datasets=not fragments)
+                pos = walker.items(pos, None, datasets=not fragments, depth=depth + 1)
                 continue
             if pos + length > limit:
                 raise MalformedDicom("truncated header", f"element {_tag(tag)} at offset {pos}")
             if vr == b"SQ":
-                self.items(pos, pos + length, datasets=True)
+                self.items(pos, pos + length, datasets=True, depth=depth + 1)
             pos += length
         return pos
 
-    def items(self, pos: int, end: int | None, datasets: bool) -> int:
+    def items(self, pos: int, end: int | None, datasets: bool, depth: int = 1) -> int:
         """Walk items up to `end` (``None``: up to and past the sequence delimiter).
 
         Items hold `datasets` (walked too) or, in encapsulated pixel data, opaque fragments.
@@ -187,14 +201,14 @@ class _Walker:
             if tag != _ITEM:
                 raise MalformedDicom("bad sequence item", f"{_tag(tag)} at offset {pos - 8}")
             if length == _UNDEFINED and datasets:
-                pos = self.dataset(pos, None)
+                pos = self.dataset(pos, None, depth=depth)
             elif length == _UNDEFINED:
                 raise MalformedDicom("bad sequence item", f"undefined length at offset {pos - 8}")
             elif pos + length > limit:
                 raise MalformedDicom("truncated header", f"item at offset {pos - 8}")
             else:
                 if datasets:
-                    self.dataset(pos, pos + length)
+                    self.dataset(pos, pos + length, depth=depth)
                 pos += length
         return pos
 
@@ -295,7 +309,7 @@ def read_source(path: Path) -> SourceFile:
         with open(path, "rb") as fp:
             return _read_source(path, fp)
     except RecursionError:
-        raise MalformedDicom("bad sequence item", "sequences nested too deeply") from None
+        raise MalformedDicom("sequences nested too deeply") from None
 
 
 def _read_source(path: Path, fp: BinaryIO) -> SourceFile:
@@ -426,13 +440,42 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
         count -= done
 
 
+def same_content(path: Path, header: bytes, source: SourceFile, trailer: bytes = b"") -> bool:
+    """Whether `path` holds exactly what :func:`write_file` would write (compared in chunks)."""
+    pixels = source.pixels
+    try:
+        with open(path, "rb") as existing:
+            size = os.fstat(existing.fileno()).st_size
+            span = 0 if pixels is None else pixels.end - pixels.start
+            if size != len(header) + span + len(trailer) or existing.read(len(header)) != header:
+                return False
+            if pixels is not None:
+                with open(source.path, "rb") as src:
+                    offset = pixels.start
+                    while offset < pixels.end:
+                        count = min(_CHUNK, pixels.end - offset)
+                        if existing.read(count) != os.pread(src.fileno(), count, offset):
+                            return False
+                        offset += count
+            return existing.read() == trailer
+    except OSError:
+        return False
+
+
 def write_file(
-    dest: Path, header: bytes, source: SourceFile, trailer: bytes = b"", *, fsync: bool = True
+    dest: Path,
+    header: bytes,
+    source: SourceFile,
+    trailer: bytes = b"",
+    *,
+    fsync: bool = True,
+    replace: bool = True,
 ) -> WrittenFile:
     """Write `header`, the source's pixel span and `trailer` to `dest`, atomically.
 
     The bytes go to a hidden temporary name in the destination folder, are fsynced, then renamed
-    over `dest`, so readers never see a partial file; the temporary file is removed on error.
+    over `dest` (or, with ``replace=False``, linked to it only if it does not exist yet), so
+    readers never see a partial file; the temporary file is removed on error.
 
     Parameters
     ----------
@@ -445,6 +488,9 @@ def write_file(
     fsync : bool
         Flush the file to disk before the rename. A batch may pass False and sync once at its
         end (``os.sync``) before it reports the files as done: one flush instead of thousands.
+    replace : bool
+        False: never overwrite; an existing `dest` raises :class:`FileExistsError` (atomically,
+        so two processes writing the same name cannot both succeed).
 
     Returns
     -------
@@ -454,6 +500,8 @@ def write_file(
     ------
     MalformedDicom
         With reason "source changed" if the source's size is not what :func:`read_source` saw.
+    FileExistsError
+        With ``replace=False``, when `dest` exists; it is left as it was.
     OSError
         If writing fails; `dest` is then left as it was.
     """
@@ -472,7 +520,11 @@ def write_file(
             _write_all(out.fileno(), trailer)
             if fsync:
                 os.fsync(out.fileno())
-        os.replace(tmp, dest)
+        if replace:
+            os.replace(tmp, dest)
+        else:
+            os.link(tmp, dest)
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

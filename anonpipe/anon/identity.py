@@ -31,7 +31,10 @@ from anonpipe.durable import fsync_path
 
 #: Length of a generated key, and the minimum accepted, in bytes.
 KEY_BYTES: Final = 32
-SCHEMA_VERSION: Final = 1
+#: 2 added ``study_patient`` (one patient per original study); version 1 files are migrated.
+SCHEMA_VERSION: Final = 2
+#: Who is one patient: the Patient ID alone, or the Patient ID within its issuer.
+PATIENT_KEYS: Final = ("id", "id+issuer")
 #: Tables for remapped UIDs, by the ``kind`` accepted by :meth:`IdentityStore.uid`.
 UID_KINDS: Final = ("studyuid", "seriesuid", "sopinstanceuid", "frameofreferenceuid", "uid")
 #: Tables with the generic (id, original, cleaned, created) layout.
@@ -63,6 +66,13 @@ _SCHEMA: Final = (
     # One original name may belong to several patients: both mappings are kept for linking.
     *_ddl("patient_name", unique="original, cleaned"),
     *(stmt for table in MAP_TABLES[1:] for stmt in _ddl(table)),
+    # The patient of each original study (its first object's): every later object of the study
+    # gets the same pseudonyms and date offset, whatever it says. The digests (keyed, not the
+    # values) tell which identifying attributes of a later object disagree.
+    "CREATE TABLE IF NOT EXISTS study_patient (study TEXT PRIMARY KEY, patient TEXT NOT NULL,"
+    " patient_name TEXT NOT NULL, date_offset_days INTEGER NOT NULL, id_digest TEXT NOT NULL,"
+    " issuer_digest TEXT NOT NULL, name_digest TEXT NOT NULL,"
+    f" created TEXT NOT NULL DEFAULT ({_NOW}))",
 )
 
 
@@ -77,6 +87,33 @@ class PatientPseudonym:
     patient_id: str
     patient_name: str
     date_offset_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class PatientIdentity:
+    """How one object names its patient (original values: never logged, never shown)."""
+
+    patient_id: str
+    issuer: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        """What identifies the patient when the ID is empty: the name."""
+        return self.patient_id or f"name:{self.name}"
+
+
+#: The identifying attributes compared between the objects of one study, as the audit names them.
+IDENTITY_ATTRIBUTES: Final = ("Patient ID", "Issuer of Patient ID", "Patient's Name")
+
+
+def _normal_name(name: str) -> str:
+    """PN values that differ only in case, spacing or trailing empty components are one name."""
+    return "^".join(part.strip() for part in name.split("^")).rstrip("^").casefold()
+
+
+def _fields(pseudonym: PatientPseudonym) -> tuple[str, str, int]:
+    return pseudonym.patient_id, pseudonym.patient_name, pseudonym.date_offset_days
 
 
 def _hmac(key: bytes, message: bytes) -> bytes:
@@ -178,6 +215,10 @@ class IdentityStore:
     readonly
         Never write (lookups, e.g. from a hook): originals that are not stored still get their
         keyed pseudonyms, and an unstored date offset is derived from the key instead of drawn.
+    patient_key
+        ``id`` (default): one patient per Patient ID, whatever its issuer says (a patient already
+        stored under several issuers keeps the pseudonym of the first one stored);
+        ``id+issuer``: the issuer is part of the key (sites pooling several ID domains).
 
     Outside :meth:`transaction` every call that records something commits by itself. Lookups are
     cached per process; an entry is cached only once its row is committed.
@@ -189,7 +230,11 @@ class IdentityStore:
         key: bytes,
         shift_days: tuple[int, int] = (-365, -1),
         readonly: bool = False,
+        patient_key: str = "id",
     ) -> None:
+        if patient_key not in PATIENT_KEYS:
+            raise ValueError(f"patient_key: expected one of {PATIENT_KEYS}, got {patient_key!r}")
+        self.patient_key = patient_key
         if len(key) < KEY_BYTES:
             raise ValueError(f"key: expected at least {KEY_BYTES} bytes, got {len(key)}")
         low, high = shift_days
@@ -204,6 +249,9 @@ class IdentityStore:
         self._pending: dict[str, set[str]] = {table: set() for table in MAP_TABLES}
         self._patients: dict[tuple[str, str], PatientPseudonym] = {}
         self._pending_patients: dict[tuple[str, str], PatientPseudonym] = {}
+        self._studies: dict[str, tuple[PatientPseudonym, tuple[str, str, str]]] = {}
+        self._pending_studies: dict[str, tuple[PatientPseudonym, tuple[str, str, str]]] = {}
+        self._has_study_table = True
         self._conn: sqlite3.Connection | None = None
         try:
             self._conn = self._open_readonly() if readonly else self._open()
@@ -239,6 +287,11 @@ class IdentityStore:
                 "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
                 [("schema_version", str(SCHEMA_VERSION)), ("key_fingerprint", self._fingerprint)],
             )
+            # version 1 lacked study_patient, which the schema above has just created
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE name = 'schema_version' AND value = '1'",
+                (str(SCHEMA_VERSION),),
+            )
         self._check_meta(conn)
         return conn
 
@@ -266,16 +319,19 @@ class IdentityStore:
         if not set(TABLES) | {"meta"} <= names:
             conn.close()
             return None
-        self._check_meta(conn)
+        self._has_study_table = "study_patient" in names  # a version 1 file, not migrated here
+        self._check_meta(conn, readable=("1", str(SCHEMA_VERSION)))
         return conn
 
     @property
     def _fingerprint(self) -> str:
         return _hmac(self._key, b"fingerprint:identity.db").hex()[:32]
 
-    def _check_meta(self, conn: sqlite3.Connection) -> None:
+    def _check_meta(
+        self, conn: sqlite3.Connection, readable: tuple[str, ...] = (str(SCHEMA_VERSION),)
+    ) -> None:
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
+        if meta.get("schema_version") not in readable:
             raise IdentityError(
                 f"identity store {self.path} has schema version {meta.get('schema_version')},"
                 f" this anonpipe reads version {SCHEMA_VERSION}; use a matching anonpipe release"
@@ -335,6 +391,7 @@ class IdentityStore:
             for pending in self._pending.values():
                 pending.clear()
             self._pending_patients.clear()
+            self._pending_studies.clear()
             raise
         finally:
             self._in_transaction = False
@@ -352,6 +409,10 @@ class IdentityStore:
             self._patients.clear()
         self._patients.update(self._pending_patients)
         self._pending_patients.clear()
+        if len(self._studies) + len(self._pending_studies) > CACHE_LIMIT:
+            self._studies.clear()
+        self._studies.update(self._pending_studies)
+        self._pending_studies.clear()
 
     def commit(self) -> None:
         """Make everything committed so far durable against power loss, not only process crashes.
@@ -388,17 +449,23 @@ class IdentityStore:
         """Return the pseudonym of one patient (an empty Patient ID is an ID like any other).
 
         ID and name are keyed codes; the date offset is drawn uniformly from `shift_days` at first
-        sight and stored, so every later call (any process, any run) returns the same one.
+        sight and stored, so every later call (any process, any run) returns the same one. Under
+        ``patient_key = "id"`` the issuer is ignored: a patient stored earlier under one or more
+        issuers answers with its first row, a new one is stored without an issuer.
         """
+        select = "SELECT cleaned, cleaned_name, date_offset_days FROM patient WHERE original = ?"
+        params: tuple[str, ...] = (patient_id,)
+        if self.patient_key == "id":
+            issuer = ""
+            select += " ORDER BY id LIMIT 1"
+        else:
+            select += " AND issuer = ?"
+            params = (patient_id, issuer)
         ident = (patient_id, issuer)
         known = self._patients.get(ident) or self._pending_patients.get(ident)
         if known is not None:
             return known
-        select = (
-            "SELECT cleaned, cleaned_name, date_offset_days FROM patient"
-            " WHERE original = ? AND issuer = ?"
-        )
-        row = self._execute(select, ident).fetchone() if self._conn else None
+        row = self._execute(select, params).fetchone() if self._conn else None
         if row is None and self.readonly:
             code = self._patient_code(patient_id, issuer)
             row = ("AP" + code, "ANON^" + code, self._derived_offset(patient_id, issuer))
@@ -414,9 +481,63 @@ class IdentityStore:
                 " date_offset_days) VALUES (?, ?, ?, ?, ?)",
                 (*ident, "AP" + code, "ANON^" + code, low + secrets.randbelow(high - low + 1)),
             )
-            found = PatientPseudonym(*self._execute(select, ident).fetchone())
+            found = PatientPseudonym(*self._execute(select, params).fetchone())
             self._pending_patients[ident] = found
         return found
+
+    def study_patient(
+        self, study_uid: str, identity: PatientIdentity
+    ) -> tuple[PatientPseudonym, tuple[str, ...]]:
+        """The pseudonym of the patient of original study `study_uid`, and what disagrees.
+
+        The first object seen of a study fixes its patient (:meth:`patient` of its identity);
+        every later object of that study, in any process or run, gets the same pseudonyms and date
+        offset, so a study never splits. The second value names the identifying attributes
+        (:data:`IDENTITY_ATTRIBUTES`) in which this object differs from that first one: for the
+        audit trail, without values. An empty `study_uid` binds nothing.
+        """
+        digests = (
+            self._digest("id", identity.patient_id),
+            self._digest("issuer", identity.issuer),
+            self._digest("name", _normal_name(identity.name)),
+        )
+        if not study_uid:
+            return self.patient(identity.key, identity.issuer), ()
+        bound = self._studies.get(study_uid) or self._pending_studies.get(study_uid)
+        if bound is None and self._conn is not None and self._has_study_table:
+            row = self._execute(
+                "SELECT patient, patient_name, date_offset_days, id_digest, issuer_digest,"
+                " name_digest FROM study_patient WHERE study = ?",
+                (study_uid,),
+            ).fetchone()
+            if row is None and not self.readonly:
+                pseudonym = self.patient(identity.key, identity.issuer)
+                with self._writing():
+                    self._execute(
+                        "INSERT OR IGNORE INTO study_patient (study, patient, patient_name,"
+                        " date_offset_days, id_digest, issuer_digest, name_digest)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (study_uid, *_fields(pseudonym), *digests),
+                    )
+                    row = self._execute(
+                        "SELECT patient, patient_name, date_offset_days, id_digest,"
+                        " issuer_digest, name_digest FROM study_patient WHERE study = ?",
+                        (study_uid,),
+                    ).fetchone()
+            if row is not None:
+                bound = (PatientPseudonym(*row[:3]), (row[3], row[4], row[5]))
+                target = self._pending_studies if self._in_transaction else self._studies
+                target[study_uid] = bound
+        if bound is None:  # read-only, never stored
+            return self.patient(identity.key, identity.issuer), ()
+        pseudonym, first = bound
+        differ = tuple(
+            name for name, a, b in zip(IDENTITY_ATTRIBUTES, first, digests, strict=True) if a != b
+        )
+        return pseudonym, differ
+
+    def _digest(self, kind: str, value: str) -> str:
+        return _hmac(self._key, f"identity:{kind}\0{value}".encode()).hex()[:24]
 
     def _patient_code(self, patient_id: str, issuer: str) -> str:
         return _code(self._key, f"patient:{issuer}\0{patient_id}".encode(), 10)

@@ -18,8 +18,11 @@ from pydicom.dataset import Dataset
 
 from anonpipe.anon.values import values_of
 
-Match = Literal["contains", "equals", "not_in"]
+Match = Literal["contains", "equals", "not_in", "absent"]
+_MATCHES: tuple[Match, ...] = ("contains", "equals", "not_in", "absent")
 ALLOWED_MODALITIES = "$allowed_modalities"
+#: In ``allowed_modalities``: every modality is allowed (a ``not_in`` rule with it never matches).
+ANY = "*"
 
 #: Reason of the rule that finds "Patient Protocol" series (the run's protocol lists use it).
 PROTOCOL_REASON = "patient protocol series"
@@ -30,7 +33,9 @@ class QuarantineRule:
     """Quarantine when attribute `keyword` `match`es `values` (case-insensitive).
 
     ``contains``: any value of the attribute contains any of `values`; ``equals``: any value
-    equals one of them; ``not_in``: the attribute is absent, or some value is not among them.
+    equals one of them; ``not_in``: some value is not among them (``*`` among them: never);
+    ``absent``: the attribute is missing or empty (list it before a ``not_in`` rule on the same
+    attribute, so the reason says what is wrong).
     """
 
     reason: str
@@ -42,7 +47,11 @@ class QuarantineRule:
         """Whether `dataset` (the identified input) falls under this rule."""
         texts = _texts(dataset.get(self.keyword))
         wanted = tuple(v.casefold() for v in self.values)
+        if self.match == "absent":
+            return not texts
         if self.match == "not_in":
+            if ANY in wanted:
+                return False
             return not texts or any(text not in wanted for text in texts)
         if self.match == "equals":
             return any(text in wanted for text in texts)
@@ -72,8 +81,8 @@ def load_rules(
     rules = []
     for index, entry in enumerate(_default_rule_data() if data is None else data):
         match = entry.get("match")
-        if match not in ("contains", "equals", "not_in"):
-            raise ValueError(f"quarantine rule {index}: match must be contains, equals or not_in")
+        if match not in _MATCHES:
+            raise ValueError(f"quarantine rule {index}: match must be one of {', '.join(_MATCHES)}")
         values = entry.get("values")
         chosen = tuple(allowed_modalities) if values == ALLOWED_MODALITIES else tuple(values or ())
         rules.append(QuarantineRule(str(entry["reason"]), str(entry["keyword"]), match, chosen))

@@ -1,18 +1,33 @@
 """The residual-PHI gate: the last check before a file counts as clean.
 
-Before de-identification we collect every identifying value of the input (names and their
-components, IDs, accession numbers, addresses, phone numbers, birth date, every non-standard UID,
-private text); after it, the output's bytes (all but the pixel data, which passes through
-unchanged) are searched for each of them, case-insensitively. A hit means some path of the rules
-let an identifier through (a copy in free text, an unknown element): the file is quarantined with
-the element path where the value sits, never the value itself.
+Before de-identification we collect the identifying values of the input; after it, the output's
+bytes (all but the pixel data, which passes through unchanged) are searched for each of them,
+case-insensitively. A hit means some path of the rules let an identifier through (a copy in free
+text, an element the rules did not expect): the file is quarantined with the element path where
+the value sits and the kind of value it is, never the value itself.
+
+Precision matters as much as recall: a gate that quarantines clean files teaches sites to turn
+it off. So values come in two strengths (:class:`Strength`):
+
+* **patient** values are the person's own: names and their components, IDs, accession and study
+  numbers, birth date, addresses, telephone numbers, every non-standard UID. Found anywhere in the
+  output, they are a leak, unless the only place they occur is a value we wrote ourselves (an
+  input named "ANONYMIZED" is not leaked by our dummy "ANONYMIZED").
+* **context** values may identify indirectly: private text, institution and device identity the
+  profile removes, text of public elements the dictionary does not know. They are a leak unless
+  every occurrence is in a standard element that the rules keep verbatim (a GE private model
+  string equal to Manufacturer's Model Name) or in a value we wrote.
+
+Names and IDs match on token boundaries only ("MARY" is not in "PRIMARY"); values made of digits
+and dots must not touch another digit or dot (a short numeric ID is not "found" inside a new UID).
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -23,10 +38,18 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
-from anonpipe.anon.values import values_of
+from anonpipe.anon.values import known_tag, values_of
 
 #: Shorter values are not searched: two or three characters match by chance everywhere.
 MIN_NEEDLE = 4
+
+
+class Strength(enum.IntEnum):
+    """How sure we are that a value identifies someone (see the module docstring)."""
+
+    CONTEXT = 1
+    PATIENT = 2
+
 
 #: Attributes whose values identify the patient, the encounter or the staff, by keyword.
 IDENTIFYING_KEYWORDS: frozenset[str] = frozenset(
@@ -72,42 +95,112 @@ IDENTIFYING_KEYWORDS: frozenset[str] = frozenset(
     }
 )
 
+#: Institution and device identity: context values unless an option keeps them (``kept``).
+CONTEXT_KEYWORDS: frozenset[str] = frozenset(
+    {
+        "IssuerOfPatientID",
+        "InstitutionName",
+        "InstitutionalDepartmentName",
+        "InstitutionCodeSequence",
+        "StationName",
+        "DeviceSerialNumber",
+        "DetectorID",
+        "GantryID",
+        "PlateID",
+        "CassetteID",
+        "GeneratorID",
+        "DeviceID",
+        "SourceSerialNumber",
+        "RequestingService",
+        "CurrentPatientLocation",
+        "AssignedLocation",
+    }
+)
+
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "DA", "DT"})
-_SPLIT = re.compile(r"[\^=\s,]+")
+_NAME_PARTS = re.compile(r"[\^=\s,]+")
 _STANDARD_UID = "1.2.840.10008."
 
 
-def _needles_of(element: DataElement) -> Iterator[str]:
-    for value in values_of(element.value):
-        text = str(value).strip()
-        if not text:
-            continue
-        yield text
-        if isinstance(value, PersonName) or element.VR in ("PN", "LO", "SH", "ST", "LT", "UT"):
-            yield from (part for part in _SPLIT.split(text) if part)
+@dataclass
+class Identifiers:
+    """Identifying values of one input, each with its strength and where it came from.
+
+    ``source`` names the kind of value for the audit trail (a keyword such as ``PatientID``,
+    ``private text``, ``unknown element``), never the value.
+    """
+
+    found: dict[str, tuple[Strength, str]] = field(default_factory=dict)
+
+    def add(self, value: str, strength: Strength, source: str) -> None:
+        if len(value) < MIN_NEEDLE:
+            return
+        known = self.found.get(value)
+        if known is None or known[0] < strength:
+            self.found[value] = (strength, source)
+
+    def update(self, other: Identifiers) -> None:
+        for value, (strength, source) in other.found.items():
+            self.add(value, strength, source)
+
+
+def _source_name(element: DataElement) -> str:
+    if element.tag.is_private:
+        return "private text"
+    return element.keyword or "unknown element"
+
+
+def strength_of(element: DataElement) -> Strength | None:
+    """How strongly this element's values identify someone, or None when they do not."""
+    tag = element.tag
+    if element.VR == "PN" or element.keyword in IDENTIFYING_KEYWORDS:
+        return Strength.PATIENT
+    if tag.is_private:
+        return None if tag.is_private_creator else Strength.CONTEXT
+    if element.keyword in CONTEXT_KEYWORDS or not known_tag(int(tag)):
+        return Strength.CONTEXT
+    return None
+
+
+def may_identify(element: DataElement) -> bool:
+    """Whether the gate collects this element's values (UIDs, names, identifying attributes,
+    private and unknown values). The cleaner reports those it keeps on purpose, so they are not
+    sought."""
+    return element.VR == "UI" or strength_of(element) is not None
 
 
 def collect_identifiers(
     datasets: Iterable[Dataset], is_kept: Callable[[BaseTag], bool]
-) -> set[str]:
-    """Every identifying value of the input datasets (file meta, header, trailer), recursively.
+) -> Identifiers:
+    """The identifying values of the input datasets (file meta, header, trailer), recursively.
 
-    Besides the :data:`IDENTIFYING_KEYWORDS`, this takes every non-standard UID and every text
-    value of a private element (private blocks are where vendors hide names and IDs). Elements
-    the profile keeps on purpose (``is_kept``, e.g. UIDs under Retain UIDs) are not collected.
+    Person names give their components too; other values are sought whole. Elements the profile
+    keeps on purpose (``is_kept``, e.g. UIDs under Retain UIDs) are not collected.
     """
-    found: set[str] = set()
+    found = Identifiers()
     for dataset in datasets:
         for element in _walk(dataset):
             if is_kept(element.tag):
                 continue
             if element.VR == "UI":
-                found.update(
-                    str(v) for v in values_of(element.value) if not str(v).startswith(_STANDARD_UID)
-                )
-            elif _identifying(element) and (element.VR in _TEXT_VRS or element.VR == "UN"):
-                found.update(_needles_of(_as_text(element)))
-    return {needle for needle in found if len(needle) >= MIN_NEEDLE}
+                for uid in values_of(element.value):
+                    text = str(uid).strip("\0 ")
+                    if not text.startswith(_STANDARD_UID):
+                        found.add(text, Strength.PATIENT, f"non-standard UID ({element.keyword})")
+                continue
+            strength = strength_of(element)
+            if strength is None or not (element.VR in _TEXT_VRS or element.VR == "UN"):
+                continue
+            source = _source_name(element)
+            for value in values_of(_as_text(element).value):
+                text = str(value).strip("\0 ")
+                if not text:
+                    continue
+                found.add(text, strength, source)
+                if isinstance(value, PersonName) or element.VR == "PN":
+                    for part in _NAME_PARTS.split(text):
+                        found.add(part, strength, source)
+    return found
 
 
 @lru_cache(maxsize=4096)
@@ -115,42 +208,41 @@ def _may_identify(tag: int, vr: str | None) -> bool:
     """Cheap pre-check on a still-encoded element: can it be a needle source at all?"""
     if tag & 1 << 16:
         return True  # private
-    if vr is None:
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            return True
-    return vr in ("SQ", "UI", "UN", "PN") or keyword_for_tag(tag) in IDENTIFYING_KEYWORDS
-
-
-def may_identify(element: DataElement) -> bool:
-    """Whether the gate collects this element's values: UIDs, names, identifying attributes and
-    private values. The cleaner reports the ones it keeps on purpose, so they are not sought."""
-    return element.VR == "UI" or _identifying(element)
-
-
-def _identifying(element: DataElement) -> bool:
-    if element.VR == "PN" or element.keyword in IDENTIFYING_KEYWORDS:
+    if not known_tag(tag):
         return True
-    return bool(element.tag.is_private and not element.tag.is_private_creator)
+    if vr is None:
+        vr = dictionary_VR(tag)
+    keyword = keyword_for_tag(tag)
+    return (
+        vr in ("SQ", "UI", "UN", "PN")
+        or keyword in IDENTIFYING_KEYWORDS
+        or keyword in CONTEXT_KEYWORDS
+    )
 
 
 def _as_text(element: DataElement) -> DataElement:
-    """A UN element's bytes as text, so a private ID in an unknown VR is still collected."""
-    if element.VR == "UN" and isinstance(element.value, bytes):
+    """A UN or binary element's bytes as text, so an ID in an unknown VR is still collected."""
+    if isinstance(element.value, bytes):
         text = element.value.decode("latin-1").strip("\0 ")
-        return DataElement(element.tag, "LO", text)
+        return DataElement(element.tag, "LO", text.split("\\"))
     return element
 
 
 def _walk(dataset: Dataset) -> Iterator[DataElement]:
     """Every element that may hold an identifier, sequences flattened; elements the cleaner
-    copied unread (:func:`~anonpipe.anon.clean.unread_fate`: no identifiers) stay unread."""
+    copied unread (:func:`~anonpipe.anon.clean.unread_fate`: no identifiers) stay unread. An
+    element pydicom cannot convert is read as raw text (it is removed or quarantined anyway)."""
     for tag in dataset.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
-        item = dataset.get_item(tag)
-        if isinstance(item, RawDataElement) and not _may_identify(int(tag), item.VR):
+        raw = dataset.get_item(tag)
+        if isinstance(raw, RawDataElement) and not _may_identify(int(tag), raw.VR):
             continue
-        element = dataset[tag]
+        try:
+            element = dataset[tag]
+        except Exception:  # a value pydicom cannot convert: its bytes, as text
+            if not isinstance(raw, RawDataElement) or raw.value is None:
+                continue
+            yield DataElement(tag, "UN", bytes(raw.value))
+            continue
         if element.VR == "SQ":
             for item in element.value or ():
                 yield from _walk(item)
@@ -158,73 +250,166 @@ def _walk(dataset: Dataset) -> Iterator[DataElement]:
             yield element
 
 
+# -- the search -------------------------------------------------------------------------------
+
+
+def _is_word_byte(byte: int) -> bool:
+    return byte >= 0x80 or chr(byte).isalnum()
+
+
+def _is_number_byte(byte: int) -> bool:
+    return 0x30 <= byte <= 0x39 or byte == 0x2E
+
+
+@dataclass(frozen=True, slots=True)
+class _Needle:
+    raw: bytes
+    value: str
+    numeric: bool
+    bound_start: bool
+    bound_end: bool
+
+    def occurs_in(self, haystack: bytes) -> bool:
+        """Whether the (lower-cased) needle occurs in `haystack` on token boundaries."""
+        touches = _is_number_byte if self.numeric else _is_word_byte
+        at = haystack.find(self.raw)
+        while at >= 0:
+            end = at + len(self.raw)
+            ok_start = not self.bound_start or at == 0 or not touches(haystack[at - 1])
+            ok_end = not self.bound_end or end >= len(haystack) or not touches(haystack[end])
+            if ok_start and ok_end:
+                return True
+            at = haystack.find(self.raw, at + 1)
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class Needles:
-    """Identifying values prepared for a case-insensitive byte search.
+    """Identifying values prepared for a case-insensitive, token-bounded byte search.
 
-    A needle of digits and dots (an ID, a date, a UID) only matches when no digit or dot
-    touches it, so a short numeric ID is not "found" inside a new 39-digit UID. Plain substring
-    tests, not one big regular expression: compiling a pattern per file costs more than the search.
+    Plain substring tests, not one big regular expression: compiling a pattern per file costs
+    more than the search.
     """
 
-    text: tuple[bytes, ...]
-    numeric: tuple[bytes, ...]
+    needles: tuple[_Needle, ...]
 
-    def find(self, blobs: Iterable[bytes]) -> str | None:
-        """The first needle found in any blob (decoded as latin-1), or None."""
-        for blob in blobs:
-            lowered = blob.lower()
-            for needle in self.text:
-                if needle in lowered:
-                    return needle.decode("latin-1")
-            for needle in self.numeric:
-                if _bounded(lowered, needle):
-                    return needle.decode("latin-1")
-        return None
+    def hits(self, blobs: Iterable[bytes]) -> Iterator[str]:
+        """Each value found in any blob (lower-cased bytes compared), once, longest first."""
+        lowered = [blob.lower() for blob in blobs]
+        reported: set[str] = set()
+        for needle in self.needles:
+            if needle.value in reported:
+                continue
+            if any(needle.occurs_in(blob) for blob in lowered):
+                reported.add(needle.value)
+                yield needle.value
 
 
-def _bounded(haystack: bytes, needle: bytes) -> bool:
-    at = haystack.find(needle)
-    while at >= 0:
-        before = haystack[at - 1 : at] if at else b""
-        after = haystack[at + len(needle) : at + len(needle) + 1]
-        if not (before.isdigit() or before == b".") and not (after.isdigit() or after == b"."):
-            return True
-        at = haystack.find(needle, at + 1)
-    return False
-
-
-def prepare_needles(needles: Iterable[str], encodings: Iterable[str] = ("utf-8",)) -> Needles:
-    """Encode each needle in each encoding, lower-cased, longest first (better audit paths)."""
-    text: set[bytes] = set()
-    numeric: set[bytes] = set()
-    for needle in needles:
+def prepare_needles(values: Iterable[str], encodings: Iterable[str] = ("utf-8",)) -> Needles:
+    """Encode each value in each encoding, lower-cased, longest first (better audit paths)."""
+    encodings = tuple(encodings)
+    prepared: dict[bytes, _Needle] = {}
+    for value in values:
+        numeric = all(c.isdigit() or c == "." for c in value)
         for encoding in encodings:
             try:
-                raw = needle.lower().encode(encoding)
+                raw = value.lower().encode(encoding)
             except UnicodeEncodeError:
                 continue
-            (numeric if all(c.isdigit() or c == "." for c in needle) else text).add(raw)
+            if numeric:
+                start = end = True
+            else:
+                start, end = _is_word_byte(raw[0]), _is_word_byte(raw[-1])
+            prepared.setdefault(raw, _Needle(raw, value, numeric, start, end))
+    ordered = sorted(prepared.values(), key=lambda n: (-len(n.raw), n.raw))
+    return Needles(tuple(ordered))
 
-    def order(items: set[bytes]) -> tuple[bytes, ...]:
-        return tuple(sorted(items, key=lambda n: (-len(n), n)))
 
-    return Needles(order(text), order(numeric))
+# -- where a value sits in the output, and whether it may sit there ----------------------------
 
 
-def locate(dataset: Dataset, needle: str, prefix: str = "") -> str | None:
-    """The tag path of the first element whose value contains `needle`, for the audit trail."""
-    lowered = needle.lower()
-    for element in dataset:
-        path = f"{prefix}({element.tag.group:04X},{element.tag.element:04X})"
-        if element.VR == "SQ":
-            for index, item in enumerate(element.value or ()):
-                found = locate(item, needle, f"{path}[{index}]")
-                if found:
-                    return found
-        elif lowered in _plain(element.value).lower():
-            return path
-    return None
+class Place(enum.Enum):
+    """What kind of output element holds a found value."""
+
+    WRITTEN = "a value anonpipe wrote"
+    STANDARD = "a standard element kept verbatim"
+    OTHER = "another element"
+
+
+@dataclass(frozen=True, slots=True)
+class Occurrence:
+    path: str
+    place: Place
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    path: str
+    texts: tuple[str, ...]
+    standard: bool
+
+
+class OutputIndex:
+    """The text of every element of a cleaned data set, flattened once, to place found values.
+
+    `written` holds the (case-folded) values anonpipe wrote: pseudonyms, dummies, the method.
+    """
+
+    def __init__(self, datasets: Iterable[Dataset], written: Iterable[str]) -> None:
+        self.written = frozenset(written)
+        self._fields: list[_Field] = []
+        for dataset in datasets:
+            self._flatten(dataset, "")
+
+    def _flatten(self, dataset: Dataset, prefix: str) -> None:
+        for element in dataset:
+            path = f"{prefix}({element.tag.group:04X},{element.tag.element:04X})"
+            if element.VR == "SQ":
+                for index, item in enumerate(element.value or ()):
+                    self._flatten(item, f"{path}[{index}]")
+                continue
+            standard = (
+                not element.tag.is_private
+                and known_tag(int(element.tag))
+                and element.VR != "PN"
+                and element.keyword not in IDENTIFYING_KEYWORDS
+                and element.keyword not in CONTEXT_KEYWORDS
+            )
+            texts = tuple(_plain(v) for v in values_of(element.value))
+            self._fields.append(_Field(path, texts, standard))
+
+    def occurrences(self, value: str) -> list[Occurrence]:
+        """Every element whose value holds `value` on token boundaries, and what kind it is."""
+        needles = prepare_needles([value], ("utf-8",)).needles
+        if not needles:
+            return []
+        needle = needles[0]
+        found = []
+        for field_ in self._fields:
+            matching = [
+                text
+                for text in field_.texts
+                if needle.occurs_in(text.lower().encode("utf-8", "replace"))
+            ]
+            if not matching:
+                continue
+            if all(text.strip().casefold() in self.written for text in matching):
+                place = Place.WRITTEN
+            else:
+                place = Place.STANDARD if field_.standard else Place.OTHER
+            found.append(Occurrence(field_.path, place))
+        return found
+
+
+def tolerated(strength: Strength, found: list[Occurrence]) -> bool:
+    """Whether a value of `strength` may sit in all these places (see the module docstring).
+
+    A value found in the bytes but in no element (across an element boundary) never is.
+    """
+    if not found:
+        return False
+    allowed = {Place.WRITTEN} if strength is Strength.PATIENT else {Place.WRITTEN, Place.STANDARD}
+    return all(o.place in allowed for o in found)
 
 
 def _plain(value: object) -> str:

@@ -338,7 +338,7 @@ def test_sequences_nested_too_deeply(tmp_path: Path) -> None:
     end = b"\xfe\xff\x0d\xe0" + bytes(4) + b"\xfe\xff\xdd\xe0" + bytes(4)
     meta = encode_file_meta(_meta(_dataset(), ExplicitVRLittleEndian))
     data = meta + sq * depth + end * depth
-    assert _malformed(tmp_path / "x", data).reason == "bad sequence item"
+    assert _malformed(tmp_path / "x", data).reason == "sequences nested too deeply"
 
 
 def test_header_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -290,7 +290,7 @@ def test_residual_phi_gate_catches_a_copy_in_an_unlisted_element(
     ds.save_as(planted)
     outcomes = _outcomes([planted], tmp_path, _spec(tmp_path))
     assert outcomes[0].status == "quarantined" and outcomes[0].reason == "residual PHI"
-    assert outcomes[0].detail == "at (0018,1210)"
+    assert outcomes[0].detail == "PatientID value at (0018,1210)"  # the kind, never the value
     assert not list((tmp_path / "clean").rglob("*.dcm"))
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from anonpipe.anon.identity import (
+    IDENTITY_ATTRIBUTES,
     UID_KINDS,
     IdentityError,
     IdentityStore,
+    PatientIdentity,
     PatientPseudonym,
     keyed_uid,
     load_or_create_key,
@@ -116,7 +118,7 @@ def test_database_is_0600_in_wal_mode_with_the_documented_tables(tmp_path: Path)
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         meta = dict(conn.execute("SELECT name, value FROM meta"))
     assert {"patient", "accession_no", "studyuid", "patient_name", *UID_KINDS} <= tables
-    assert meta["schema_version"] == "1"
+    assert meta["schema_version"] == "2"
 
 
 def test_loose_database_mode_is_repaired(tmp_path: Path) -> None:
@@ -172,7 +174,10 @@ def test_patient_pseudonym_and_offset_survive_reopen(tmp_path: Path) -> None:
         other_issuer = store.patient("PID000", issuer="OTHER")
     with IdentityStore(db, KEY, shift_days=(-30, -10)) as store:
         assert {pid: store.patient(pid) for pid in IDS} == first
-    assert other_issuer.patient_id != first["PID000"].patient_id
+    assert other_issuer == first["PID000"]  # patient_key "id": the issuer does not split
+    with IdentityStore(db, KEY, shift_days=(-30, -10), patient_key="id+issuer") as store:
+        assert store.patient("PID000") == first["PID000"]
+        assert store.patient("PID000", issuer="OTHER").patient_id != first["PID000"].patient_id
     for pseudonym in first.values():
         assert -30 <= pseudonym.date_offset_days <= -10
         assert re.fullmatch(r"AP[A-Z2-7]{10}", pseudonym.patient_id)
@@ -374,3 +379,57 @@ def test_batched_writes_from_two_processes_are_fast(tmp_path: Path) -> None:
     elapsed = max(seconds for _, seconds in results)
     print(f"1000 files x 10 mappings x 2 processes: {elapsed:.3f} s")
     assert elapsed < 10.0  # the target is well under 2 s; the bound only catches regressions
+
+
+# -- one patient per study, whatever its objects say -----------------------------------------------
+
+
+def test_a_study_keeps_its_first_objects_patient_and_reports_what_differs(tmp_path: Path) -> None:
+    with IdentityStore(tmp_path / "identity.db", KEY) as store:
+        first, differ = store.study_patient("1.2.3", PatientIdentity("PID1", "", "DOE^JANE"))
+        assert differ == ()
+        # absent issuer, another issuer, the name written another way: one patient, reported
+        same, differ = store.study_patient("1.2.3", PatientIdentity("PID1", "HOSP A", "DOE^JANE"))
+        assert same == first and differ == ("Issuer of Patient ID",)
+        same, differ = store.study_patient("1.2.3", PatientIdentity("PID1", "", "doe^jane^^"))
+        assert same == first and differ == ()  # the same name, formatted differently
+        same, differ = store.study_patient("1.2.3", PatientIdentity("PID9", "X", "ROE^RICH"))
+        assert same == first and set(differ) == set(IDENTITY_ATTRIBUTES)
+        # another study of the same Patient ID gets the same patient under the default key
+        other, differ = store.study_patient("1.2.4", PatientIdentity("PID1", "HOSP B", "DOE^J"))
+        assert other == first and differ == ()
+    with IdentityStore(tmp_path / "identity.db", KEY) as store:  # and in another process / run
+        again, _ = store.study_patient("1.2.3", PatientIdentity("PID9", "X", "ROE^RICH"))
+        assert again == first
+
+
+def test_id_plus_issuer_keeps_domains_apart_but_never_splits_a_study(tmp_path: Path) -> None:
+    with IdentityStore(tmp_path / "identity.db", KEY, patient_key="id+issuer") as store:
+        a, _ = store.study_patient("1.2.3", PatientIdentity("PID1", "HOSP A", "DOE^JANE"))
+        b, differ = store.study_patient("1.2.3", PatientIdentity("PID1", "HOSP B", "DOE^JANE"))
+        assert a == b and differ == ("Issuer of Patient ID",)
+        c, _ = store.study_patient("1.2.4", PatientIdentity("PID1", "HOSP B", "DOE^JANE"))
+        assert c.patient_id != a.patient_id  # another ID domain: another patient
+    with pytest.raises(ValueError, match="patient_key"):
+        IdentityStore(tmp_path / "identity.db", KEY, patient_key="issuer")
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_pseudonyms(tmp_path: Path) -> None:
+    db = tmp_path / "identity.db"
+    with IdentityStore(db, KEY) as store:
+        before = {pid: store.patient(pid) for pid in IDS[:5]}
+        with_issuer = store.patient("PIDX", "OLD ISSUER")
+    with sqlite3.connect(db) as conn:  # what an anonpipe of schema version 1 left behind
+        conn.execute("DROP TABLE study_patient")
+        conn.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+        # a version-1 store keyed on (id, issuer): the same ID under an issuer, stored first
+        conn.execute("UPDATE patient SET issuer = 'OLD ISSUER' WHERE original = 'PIDX'")
+    with IdentityStore(db, KEY, readonly=True) as store:  # readable before it is migrated
+        assert store.patient("PID000") == before["PID000"]
+    with IdentityStore(db, KEY) as store:
+        assert {pid: store.patient(pid) for pid in before} == before
+        assert store.patient("PIDX") == with_issuer  # found under its old issuer
+        assert store.study_patient("9.9", PatientIdentity("PID000", "", ""))[0] == before["PID000"]
+    with sqlite3.connect(db) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    assert version == ("2",)
