@@ -99,7 +99,18 @@ def _print(result: Any, as_json: bool) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
-_STUDY_COLUMNS = ("study", "step", "expected", "landed", "clean", "quarantined", "pushed", "reason")
+_STUDY_COLUMNS = (
+    "study",
+    "step",
+    "expected",
+    "landed",
+    "clean",
+    "quarantined",
+    "duplicates",
+    "pushed",
+    "reason",
+    "notes",
+)
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -438,3 +438,17 @@ def comments_lines(entries: Iterable[tuple[str, Sequence[str], str | None]]) -> 
         for comment in comments:
             lines.extend(f"\t{part}" for part in comment.splitlines())
     return lines
+
+
+def identity_notes(disagreements: Mapping[str, int]) -> str | None:
+    """The audit's note on objects of one study that name their patient differently, or None.
+
+    Attribute names and counts only: the values are the patient's identity.
+    """
+    if not disagreements:
+        return None
+    listed = ", ".join(f"{name} ({count} files)" for name, count in sorted(disagreements.items()))
+    return (
+        "objects differ from the study's first object in "
+        f"{listed}; all got the study's pseudonyms (check the staging PACS's patient records)"
+    )

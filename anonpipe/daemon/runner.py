@@ -24,6 +24,7 @@ from pathlib import Path
 
 from anonpipe.anon.batch import EngineSpec, engine_spec
 from anonpipe.anon.deidentify import Outcome
+from anonpipe.anon.duplicates import Duplicates
 from anonpipe.anon.identity import load_or_create_key
 from anonpipe.anon.quarantine import PROTOCOL_REASON
 from anonpipe.config import Settings
@@ -135,12 +136,27 @@ async def execute_run(
         p.note_error(f"{run.name}: pulls stopped: {exc}")
         raise
     except Exception as exc:
-        await _advance(p, run.name, "failed", f"{type(exc).__name__}: {exc}")
-        p.note_error(f"{run.name}: failed: {type(exc).__name__}: {exc}")
+        await _advance(p, run.name, "failed", failure_text(exc))
+        p.note_error(f"{run.name}: failed: {failure_text(exc)}")
         log.exception("run failed", run=run.name)
     finally:
         p.current = None
     return await p.store.run(run.name)
+
+
+def failure_text(exc: BaseException) -> str:
+    """What state.db and status say of a run's failure: never a message that may quote PHI.
+
+    Our own exceptions (anonpipe's) say what went wrong without values; an OS error gives its
+    reason without the path (paths hold original UIDs); anything else gives its type only, and
+    the traceback goes to the journal with values masked (:mod:`anonpipe.logs`).
+    """
+    kind = type(exc).__name__
+    if type(exc).__module__.startswith("anonpipe."):
+        return f"{kind}: {exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{kind}: {exc.strerror}"
+    return f"{kind} (details in the journal)"
 
 
 # -- select -------------------------------------------------------------------------------
@@ -225,11 +241,18 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
     studies = [s for s in await p.store.studies(run.name) if s.state in ("selected", "pulling")]
     if studies:
         workers = DeidWorkers(_engine_spec(p, run, rdir), p.settings.anon.jobs)
+        # one output per SOP Instance UID in the whole run, the studies done before included
+        written = {
+            f.sop_instance_uid: Path(f.output)
+            for f in await p.store.files(run.name)
+            if f.status == "clean" and f.sop_instance_uid and f.output
+        }
+        duplicates = Duplicates(rdir.quarantine, written)
         try:
             for study in studies:
                 if p.should_stop():
                     raise RunStopped
-                await _pull_one(p, run, rdir, study, workers)
+                await _pull_one(p, run, rdir, study, workers, duplicates)
         finally:
             workers.shutdown()
     await _advance(p, run.name, "checking")
@@ -243,7 +266,12 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
 
 
 async def _pull_one(
-    p: Pipeline, run: RunRecord, rdir: RunDir, study: StudyRecord, workers: DeidWorkers
+    p: Pipeline,
+    run: RunRecord,
+    rdir: RunDir,
+    study: StudyRecord,
+    workers: DeidWorkers,
+    duplicates: Duplicates,
 ) -> None:
     loop = asyncio.get_running_loop()
     await p.store.update_study(run.name, study.review_id, state="pulling")
@@ -286,21 +314,38 @@ async def _pull_one(
     for path in sorted(landing_dir.iterdir()):
         submit(path)
     outcomes = await workers.outcomes(dict(submitted))  # late arrival callbacks add nothing new
+    outcomes = [duplicates.judge(o) for o in outcomes]
     await asyncio.to_thread(sync_filesystem, rdir.path)
     records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(run.name, records)
     clean = [r for r in records if r.status == "clean"]
-    quarantined = [r for r in records if r.status != "clean"]
+    repeated = [r for r in records if r.status == "duplicate"]
+    quarantined = [r for r in records if r.status not in ("clean", "duplicate")]
     for record in quarantined:
         output = Path(record.output).name if record.output else "-"
         rdir.append(
             "anonymize_output.txt", f"{study.review_id}\t{record.status}\t{output}\t{record.reason}"
         )
+    if repeated:
+        rdir.append(
+            "anonymize_output.txt",
+            f"{study.review_id}\tduplicate\t{len(repeated)} files repeated an object already"
+            " written (same SOP Instance UID and content): written once",
+        )
+    notes = audit.identity_notes(Counter(a for o in outcomes for a in o.disagrees))
+    if notes:
+        rdir.append("anonymize_output.txt", f"{study.review_id}\tpatient identity\t{notes}")
+        p.note_error(f"{run.name}: study {study.review_id}: {notes}")
+        log.warning(
+            "objects of one study name their patient differently",
+            run=run.name,
+            study=study.review_id,
+        )
     cleaned_uid = clean[0].cleaned_study_uid if clean else None
     rdir.append(
         "anonymize_output.txt",
         f"{study.review_id}\t{len(records)} files: {len(clean)} clean, "
-        f"{len(quarantined)} quarantined",
+        f"{len(quarantined)} quarantined" + (f", {len(repeated)} duplicates" if repeated else ""),
     )
     rdir.append(
         "pull_output.txt",
@@ -326,6 +371,8 @@ async def _pull_one(
         landed=len(records),
         clean=len(clean),
         quarantined=len(quarantined),
+        duplicates=len(repeated),
+        notes=notes,
         cleaned_study_uid=cleaned_uid,
     )
     if reason:

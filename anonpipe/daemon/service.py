@@ -272,8 +272,10 @@ class Service:
                 "landed": s.landed,
                 "clean": s.clean,
                 "quarantined": s.quarantined,
+                "duplicates": s.duplicates,
                 "pushed": s.pushed,
                 "reason": s.reason,
+                "notes": s.notes,
             }
             # Live progress of the step in hand (the store has the counts once it is done).
             landing = self.registry.get(s.original_study_uid) if s.state == "pulling" else None

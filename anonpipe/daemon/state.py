@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS studies (
     pushed INTEGER NOT NULL DEFAULT 0,
     cleaned_study_uid TEXT,
     updated TEXT NOT NULL,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    notes TEXT,
     PRIMARY KEY (run, review_id)
 );
 CREATE TABLE IF NOT EXISTS files (
@@ -63,6 +65,12 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (run, review_id, name)
 );
 """
+
+#: Columns added after the first release: (table, column, definition), added to older files.
+_ADDED_COLUMNS = (
+    ("studies", "duplicates", "INTEGER NOT NULL DEFAULT 0"),
+    ("studies", "notes", "TEXT"),
+)
 
 #: Study states, in order; ``held`` and ``failed`` end a study early.
 STUDY_STATES = (
@@ -111,11 +119,16 @@ class StudyRecord:
     quarantined: int
     pushed: int
     cleaned_study_uid: str | None
+    #: Files that repeated an object already written (same SOP Instance UID and content).
+    duplicates: int = 0
+    #: What an operator should know that did not stop the study (no PHI), e.g. objects that
+    #: named their patient differently from the study's first object.
+    notes: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FileRecord:
-    """One landed file's outcome: ``status`` is clean, quarantined or error."""
+    """One landed file's outcome: ``status`` is clean, duplicate, quarantined or error."""
 
     review_id: int
     name: str
@@ -146,6 +159,11 @@ class StateStore:
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED_COLUMNS:
+            async with self._db.execute(f"PRAGMA table_info({table})") as cursor:
+                present = {row["name"] for row in await cursor.fetchall()}
+            if column not in present:
+                await self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         await self._db.commit()
 
     async def close(self) -> None:
@@ -220,6 +238,8 @@ class StateStore:
             "quarantined",
             "pushed",
             "cleaned_study_uid",
+            "duplicates",
+            "notes",
         }
         unknown = set(columns) - allowed
         if unknown:
@@ -311,6 +331,8 @@ def _study(row: Any) -> StudyRecord:
         row["quarantined"],
         row["pushed"],
         row["cleaned_study_uid"],
+        row["duplicates"],
+        row["notes"],
     )
 
 

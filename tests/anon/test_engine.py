@@ -346,3 +346,43 @@ def test_deflated_input_is_cleaned_and_stays_deflated(generated: Manifest, tmp_p
     plain.is_little_endian, plain.is_implicit_VR = True, False
     write_dataset(plain, out)  # the inflated content, searched for plants
     assert not generated.find_planted(plain.getvalue(), uids=True)
+
+
+def test_varying_issuers_give_one_patient_and_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issuer of Patient ID absent, reformatted or with text: one pseudonym and one date offset
+    per patient across all its studies; the command's summary says which attribute differed."""
+    manifest = generate(
+        tmp_path / "in", patients=2, studies_per_patient=2, issuer_variants=True, seed=77
+    )
+    config = tmp_path / "anonpipe.toml"
+    config.write_text(
+        f'[pipeline]\ndata_dir = "{tmp_path}/data"\n'
+        f'[anon]\nidentity_db = "{tmp_path}/id.db"\nkey_file = "{tmp_path}/anon.key"\n'
+    )
+    out = tmp_path / "out"
+    assert main(["anonymize", "-c", str(config), str(manifest.root), str(out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "differ from their study's first object in Issuer of Patient ID" in printed
+    assert not manifest.find_planted(printed.encode(), uids=True)
+    outputs = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.rglob("*.dcm")]
+    assert len(outputs) == len(manifest.instances)
+    patients: dict[str, set[str]] = {}
+    for ds in outputs:
+        patients.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.PatientID))
+    assert len(patients) == 4 and all(len(p) == 1 for p in patients.values())
+    assert len({p for ps in patients.values() for p in ps}) == 2
+    for patient in manifest.patients:
+        offsets = set()
+        for study in patient.studies:
+            source = pydicom.dcmread(study.instances[0].path, stop_before_pixels=True)
+            shifted = {
+                str(ds.StudyDate)
+                for ds in outputs
+                if str(ds.StudyInstanceUID)
+                == keyed_uid(load_or_create_key(tmp_path / "anon.key"), study.study_instance_uid)
+            }
+            (date,) = shifted
+            offsets.add(_days(str(source.StudyDate), date))
+        assert len(offsets) == 1

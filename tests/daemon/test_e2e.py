@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import io
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ from pydicom import dcmread
 from anonpipe import cli
 from anonpipe.anon.identity import IdentityStore, load_or_create_key
 from anonpipe.daemon.rundir import RunDir
-from tests.harness.deployment import Site, build_site
+from tests.harness.deployment import Site, StudyPlan, build_site
 from tests.harness.orthanc import OrthancFactory
 
 pytestmark = pytest.mark.timeout(300)
@@ -180,3 +182,78 @@ def test_a_whole_run_at_debug_level_logs_no_identifier(
         assert not leaked, f"{len(leaked)} planted identifiers or UIDs reached the log"
     for uid in site.missing_uids:
         assert uid not in logged
+
+
+def test_varying_issuers_never_split_a_study_or_a_patient(
+    orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    """Issuer of Patient ID absent, reformatted or with text from object to object: the research
+    PACS holds exactly the studies sent, one pseudonymous patient per patient, all published."""
+    staging, research = orthanc_factory("STAGING"), orthanc_factory("RESEARCH")
+    plan = StudyPlan(
+        approved=2,
+        approved_with_protocol=0,
+        rejected_phi=0,
+        conflicting=0,
+        missing_from_staging=0,
+        studies_per_patient=2,
+        instances_per_series=4,
+        issuer_variants=True,
+    )
+    socket_dir = Path(tempfile.mkdtemp(prefix="anonpipe-", dir="/tmp"))
+    site, _ = build_site(
+        tmp_path / "site", staging, research, plan, socket_path=socket_dir / "control.sock"
+    )
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+
+    (manifest,) = site.manifests
+    assert len(site.approved_uids) == 4
+    assert len(research.studies()) == 4  # no study split into per-issuer studies
+    assert len(research.instances()) == site.expected_instances()
+    headers = [
+        dcmread(io.BytesIO(research.download(i)), stop_before_pixels=True)
+        for i in research.instances()
+    ]
+    by_study: dict[str, set[str]] = {}
+    for ds in headers:
+        by_study.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.PatientID))
+    assert all(len(ids) == 1 for ids in by_study.values()), by_study
+    assert len({pid for ids in by_study.values() for pid in ids}) == 2  # one per patient
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert row.image_published and not row.processing_error
+
+    # One date offset per patient across its studies: intervals between studies are kept.
+    dates = {str(ds.StudyInstanceUID): (str(ds.PatientID), str(ds.StudyDate)) for ds in headers}
+    originals = {s.study_instance_uid: s for s in manifest.studies}
+    with IdentityStore(
+        site.root / "identity.db", load_or_create_key(site.root / "anon.key")
+    ) as ids:
+        for original_uid, study in originals.items():
+            cleaned_uid = ids.uid(original_uid, "studyuid")
+            patient, shifted = dates[cleaned_uid]
+            source = dcmread(study.instances[0].path, stop_before_pixels=True)
+            offset = _days(str(source.StudyDate), shifted)
+            same_patient = [
+                dcmread(s.instances[0].path, stop_before_pixels=True)
+                for s in manifest.studies
+                if dates[ids.uid(s.study_instance_uid, "studyuid")][0] == patient
+            ]
+            assert len(same_patient) == 2
+            for other in same_patient:
+                other_shifted = dates[ids.uid(str(other.StudyInstanceUID), "studyuid")][1]
+                assert _days(str(other.StudyDate), other_shifted) == offset
+
+    # The disagreement is reported, without values.
+    run = _only_run(site)
+    notes = [line for line in run.read_lines("anonymize_output.txt") if "patient identity" in line]
+    assert notes and all("Issuer of Patient ID" in line for line in notes)
+    for line in run.read_lines("anonymize_output.txt"):
+        assert not manifest.find_planted(line.encode(), uids=True)
+
+
+def _days(before: str, after: str) -> int:
+    def parse(text: str) -> datetime.date:
+        return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+    return (parse(after) - parse(before)).days

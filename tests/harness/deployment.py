@@ -31,6 +31,10 @@ class StudyPlan:
     missing_from_staging: int = 1
     series_per_study: int = 2
     instances_per_series: int = 3
+    #: Studies of each approved patient (each study has its own review).
+    studies_per_patient: int = 1
+    #: Issuer of Patient ID varies from object to object (absent, reformatted, with text).
+    issuer_variants: bool = False
     size: ImageSize | tuple[int, int] = TINY
 
 
@@ -158,6 +162,8 @@ def build_site(
         manifest = generate(
             root / "studies" / kind,
             patients=count,
+            studies_per_patient=plan.studies_per_patient if kind == "approved" else 1,
+            issuer_variants=plan.issuer_variants,
             series_per_study=plan.series_per_study,
             instances_per_series=plan.instances_per_series,
             size=plan.size,

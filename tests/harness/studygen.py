@@ -890,6 +890,7 @@ def generate(
     syntax_per: SyntaxScope = "series",
     protocol_series: bool = False,
     seed: int | None = None,
+    issuer_variants: bool = False,
 ) -> Manifest:
     """Write synthetic studies to `out_dir` and return their :class:`Manifest`.
 
@@ -915,6 +916,9 @@ def generate(
     protocol_series : bool, optional
         Add to each study one extra single-instance series described "Patient Protocol" with
         Burned In Annotation YES (data the anonymizer must quarantine).
+    issuer_variants : bool, optional
+        Vary Issuer of Patient ID from object to object as modalities of one site do: as
+        generated, absent, lower-cased with spaces around it, or followed by free text.
     seed : int or None, optional
         Seed for every random choice (tokens, UIDs, dates). None draws a fresh seed, recorded in
         the manifest. The same seed gives the same UIDs: use different seeds for data sets that
@@ -999,7 +1003,9 @@ def generate(
             study_counter += 1
             study_dir = root / f"p{p_index:03d}" / f"s{s_index:02d}"
             series_records = [
-                _write_series(patient, study, series_list, i, image_size, study_dir)
+                _write_series(
+                    patient, study, series_list, i, image_size, study_dir, issuer_variants
+                )
                 for i in range(len(series_list))
             ]
             planted = frozenset(study.planted | patient.planted)
@@ -1039,6 +1045,17 @@ def generate(
     )
 
 
+def _vary_issuer(ds: Dataset, issuer: str, variant: int) -> None:
+    """Issuer of Patient ID as another modality of the same site might write it."""
+    choice = variant % 4
+    if choice == 1:
+        del ds.IssuerOfPatientID
+    elif choice == 2:
+        ds.IssuerOfPatientID = f" {issuer.lower()} "
+    elif choice == 3:
+        ds.IssuerOfPatientID = f"{issuer} MRN"
+
+
 def _write_series(
     patient: _Patient,
     study: _Study,
@@ -1046,6 +1063,7 @@ def _write_series(
     position: int,
     size: ImageSize,
     study_dir: Path,
+    issuer_variants: bool = False,
 ) -> SeriesRecord:
     series = series_list[position]
     sop_class = SOP_CLASS_BY_MODALITY[series.modality]
@@ -1062,6 +1080,8 @@ def _write_series(
         ds = _build_dataset(
             patient, study, series, index, size, ((sop_class, neighbour), series_ref)
         )
+        if issuer_variants:
+            _vary_issuer(ds, patient.issuer, position + index)
         path = series_dir / f"i{index:04d}.dcm"
         dcmwrite(path, ds, enforce_file_format=True)
         image_refs = [neighbour] if neighbour != sop_uid else []
