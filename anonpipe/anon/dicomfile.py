@@ -49,7 +49,7 @@ _CHUNK = 1 << 20
 _MAX_HEADER_BYTES = 128 << 20
 #: Sequences nested deeper than this are refused: real objects (SR content trees included) stay
 #: far below, and every reader and writer of a data set recurses once per level.
-MAX_NESTING = 48
+MAX_NESTING = 32
 
 
 class MalformedDicom(Exception):

@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
 
 from anonpipe import ctl
 from anonpipe.daemon.rundir import RunDir
@@ -426,3 +430,71 @@ def test_status_shows_the_pull_and_the_push_as_they_progress(
     assert any(0 < r["landed"] < r["expected"] for r in pulling), pulling[-5:]  # type: ignore[operator]
     assert {r["expected"] for r in pulling if r["landed"]} <= {80, 81}
     assert any(0 < r["pushed"] < r["clean"] for r in pushing), pushing[-5:]  # type: ignore[operator]
+
+
+def _malformed_copy(source: Path, dest: Path, name: str) -> Path:
+    """A copy of `source` under a new SOP Instance UID, with sequences nested 40 deep and the
+    patient's name at the bottom: a structure our reader refuses (deeper than MAX_NESTING)."""
+    ds = dcmread(source)
+    item = Dataset()
+    item.PersonName = name
+    for _ in range(40):
+        outer = Dataset()
+        outer.RequestAttributesSequence = DicomSequence([item])
+        item = outer
+    ds.RequestAttributesSequence = item.RequestAttributesSequence
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix="2.25.")
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def test_a_malformed_object_is_quarantined_and_every_other_study_delivered(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
+    manifest = site.manifests[0]
+    victim = manifest.studies[0]
+    bad = _malformed_copy(
+        victim.instances[0].path, tmp_path / "bad.dcm", manifest.patients[0].patient_name
+    )
+    site.staging.upload([bad])
+    config = site.config_path.read_text().replace('level = "info"', 'level = "debug"')
+    site.config_path.write_text(config)
+    daemon = Daemon(site, short_dir)
+    try:
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        status = ctl.request(site.socket_path, "status", {})
+    finally:
+        assert daemon.terminate() == 0
+    # Every study delivered and published, the malformed object's study included.
+    assert len(site.research.studies()) == len(site.approved_uids)
+    assert len(site.research.instances()) == site.expected_instances()
+    for uid in site.approved_uids:
+        assert site.review.find_study(uid).image_published
+    # The object is quarantined with a reason that says what is wrong, and nothing else is.
+    (run,) = RunDir.list(site.data_dir)
+    reasons = [json.loads(p.read_text())["reason"] for p in run.quarantine.glob("*.json")]
+    assert sorted(reasons) == sorted(
+        ["sequences nested too deeply", *(["patient protocol series"] * len(site.protocol_uids))]
+    )
+    row = next(
+        s
+        for s in status["studies"]
+        if s["study"] == site.review.find_study(victim.study_instance_uid).id
+    )
+    assert row["quarantined"] == 1 and row["step"] == "published"
+    # No planted identifier in status, state.db or the log.
+    dump = "\n".join(
+        str(r)
+        for table in ("runs", "studies", "files")
+        for r in _state(site, f"SELECT * FROM {table}")
+    )
+    log = (site.root / "daemon.log").read_bytes()
+    assert b'"level": "debug"' in log
+    for m in site.manifests:
+        for where, blob in (
+            ("status", json.dumps(status).encode()),
+            ("state.db", dump.encode()),
+            ("log", log),
+        ):
+            assert not m.find_planted(blob, uids=False), where
