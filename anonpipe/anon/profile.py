@@ -187,6 +187,9 @@ def load_table() -> ProfileTable:
         )
     exact: dict[int, TableEntry] = {}
     patterns: dict[str, TableEntry] = {}
+    raw_basic = {
+        int(r["tag"], 16): r.get("basic_raw", r["basic"]) for r in raw["entries"] if "mask" not in r
+    }
     for row in raw["entries"]:
         entry = TableEntry(
             name=row["name"],
@@ -200,6 +203,15 @@ def load_table() -> ProfileTable:
     supplement = json.loads(
         files(__package__ or "anonpipe.anon").joinpath("supplement.json").read_text("utf-8")
     )
+    for row in supplement.get("choices", ()):  # one alternative of a compound action, chosen
+        tag = int(row["tag"], 16)
+        standard = raw_basic.get(tag, "")
+        if row["basic"] not in standard.split("/"):
+            raise RuntimeError(
+                f"supplement.json chooses {row['basic']} for {row['tag']}, whose table action"
+                f" is {standard or 'absent'}"
+            )
+        exact[tag] = TableEntry(exact[tag].name, Action(row["basic"]), exact[tag].options)
     for row in supplement["entries"]:  # our additions to the standard's table
         tag = int(row["tag"], 16)
         if tag in exact:

@@ -188,7 +188,7 @@ def _rerun_without_gate(corpus: CorpusRun, source: Path, scratch: Path) -> Outco
     """The engine on one file with the residual-PHI gate off (output written regardless)."""
     engine = Engine(corpus.spec)
     try:
-        return deidentify_file(  # type: ignore[call-arg,unused-ignore]
+        return deidentify_file(
             source,
             scratch / "clean",
             scratch / "quarantine",
@@ -218,7 +218,12 @@ def test_residual_phi_quarantines_have_an_identifier_behind_them(
                 f"{outcome.reason} ({outcome.detail})"
             )
             continue
-        if not corpus.leaks(o.source, outcome.output):
+        leaked = corpus.leaks(o.source, outcome.output)
+        print(
+            f"  {corpus.name(o.source)}: gate said {o.detail}; identifiers without the "
+            f"gate: {len(leaked)}"
+        )
+        if not leaked:
             false_positives.append(f"{corpus.name(o.source)}: gate said {o.detail}")
     print(f"{len(gated)} residual-PHI quarantines, {len(false_positives)} without an identifier")
     limit = MAX_FALSE_POSITIVE_SHARE * len(corpus.files)
@@ -245,8 +250,14 @@ def _normalized(line: str) -> str:
 def test_no_output_is_less_valid_than_its_input(corpus: CorpusRun) -> None:
     if not dciodvfy.available():
         pytest.skip("dciodvfy (dicom3tools) not installed")
-    clean = [o for o in corpus.with_status("clean") if o.output is not None]
-    pairs = [(o.source, o.output) for o in clean if o.output is not None]
+    # an output several inputs were written to (same SOP Instance UID) holds the last one's
+    # content: its comparison with any one input means nothing (the count test reports these)
+    claims = Counter(o.output for o in corpus.with_status("clean"))
+    pairs = [
+        (o.source, o.output)
+        for o in corpus.with_status("clean")
+        if o.output is not None and claims[o.output] == 1
+    ]
     with ThreadPoolExecutor(2) as pool:
         before = list(pool.map(dciodvfy.errors, [source for source, _ in pairs]))
         after = list(pool.map(dciodvfy.errors, [output for _, output in pairs]))
@@ -291,12 +302,28 @@ def _references(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str]]:
 
 
 def test_every_reference_between_inputs_resolves_between_outputs(corpus: CorpusRun) -> None:
+    """A Referenced SOP Instance UID naming another input must name that input's output.
+
+    Judged per instance (SOP Instance UID), not per file: the corpus holds the same instance in
+    several files (transfer syntax variants), of which one is written and the others are
+    duplicates or quarantined; what must hold is that the written copy of the referring
+    instance points at the written copy of the referenced one.
+    """
     headers = {path: _read(path) for path in corpus.files}
     by_uid: dict[str, list[Path]] = {}
     for path, ds in headers.items():
         if ds is not None and "SOPInstanceUID" in ds:
             by_uid.setdefault(str(ds.SOPInstanceUID), []).append(path)
-    broken: list[str] = []
+
+    def written(uid: str) -> list[Outcome]:
+        found = (corpus.outcomes.get(p) for p in by_uid[uid])
+        return [o for o in found if o is not None and o.status == "clean" and o.output]
+
+    def states(uid: str) -> str:
+        found = (corpus.outcomes.get(p) for p in by_uid[uid])
+        return "; ".join(f"{o.status} {o.reason or ''}".strip() for o in found if o is not None)
+
+    broken: set[str] = set()
     checked = 0
     for path, ds in headers.items():
         if ds is None:
@@ -305,26 +332,31 @@ def test_every_reference_between_inputs_resolves_between_outputs(corpus: CorpusR
         refs = [(where, uid) for where, uid in _references(ds) if uid in by_uid and uid != own]
         if not refs:
             continue
-        outcome = corpus.outcomes.get(path)
-        if outcome is None or outcome.status != "clean" or outcome.output is None:
-            status = "no outcome" if outcome is None else f"{outcome.status} {outcome.reason}"
-            broken.append(f"{corpus.name(path)} refers to other inputs but is {status}")
+        copies = written(own)
+        if not copies:
+            broken.add(
+                f"{corpus.name(path)} refers to other inputs but no copy of it was "
+                f"written ({states(own)})"
+            )
             continue
-        output = _read(outcome.output)
-        assert output is not None, f"output of {corpus.name(path)} is unreadable"
-        written = dict(_references(output))
-        for where, uid in refs:
-            checked += 1
-            targets = [corpus.outcomes.get(t) for t in by_uid[uid]]
-            clean = [t for t in targets if t is not None and t.status == "clean"]
-            names = ", ".join(corpus.name(t) for t in by_uid[uid])
-            if not clean:
-                states = ", ".join(f"{t.status} {t.reason}" for t in targets if t is not None)
-                broken.append(f"{corpus.name(path)} {where} -> {names}: target {states}")
-            elif written.get(where) not in {t.sop_instance_uid for t in clean}:
-                broken.append(
-                    f"{corpus.name(path)} {where} -> {names}: output has "
-                    f"{written.get(where)!r}, target written as {clean[0].sop_instance_uid}"
-                )
-    print(f"{checked} references between inputs checked")
-    assert not broken, f"{len(broken)} broken references:\n" + "\n".join(broken)
+        for copy in copies:
+            assert copy.output is not None
+            output = _read(copy.output)
+            assert output is not None, f"output of {corpus.name(copy.source)} is unreadable"
+            in_output = dict(_references(output))
+            for where, uid in refs:
+                checked += 1
+                targets = written(uid)
+                names = ", ".join(corpus.name(t) for t in by_uid[uid])
+                if not targets:
+                    broken.add(
+                        f"{corpus.name(copy.source)} {where} -> {names}: not written "
+                        f"({states(uid)})"
+                    )
+                elif in_output.get(where) not in {t.sop_instance_uid for t in targets}:
+                    broken.add(
+                        f"{corpus.name(copy.source)} {where} -> {names}: output has "
+                        f"{in_output.get(where)!r}, target written as {targets[0].sop_instance_uid}"
+                    )
+    print(f"{checked} references between written instances checked")
+    assert not broken, f"{len(broken)} broken references:\n" + "\n".join(sorted(broken))

@@ -19,19 +19,23 @@ plain pydicom, and searches raw bytes, so a blind spot of the engine is not repe
   the standard defines), and from the file meta only Media Storage SOP Instance UID.
 
 Values are stripped of spaces and NULs; a value (or component) shorter than
-:data:`MIN_LENGTH` characters is not searched: it would match by chance everywhere.
+:data:`MIN_LENGTH` characters is not searched: it would match by chance everywhere. Nor is a
+de-identification placeholder (:data:`PLACEHOLDERS`, e.g. a Patient's Name already
+``Anonymized``): de-identifiers write these words themselves, so finding one proves nothing.
 
-**The bytes searched** (:func:`pixel_free_bytes`): the whole output file, file meta included,
-with the value of the top-level Pixel Data element (7FE0,0010), native or encapsulated, replaced
-by one NUL byte (pixel data is copied unchanged from the input and is not text). A deflated data
-set is searched inflated. Elements after the pixel data are searched.
+**The bytes searched**: the whole output file, file meta included, with the value of the
+top-level Pixel Data element (7FE0,0010), native or encapsulated, replaced by one NUL byte
+(:func:`pixel_free_bytes`; pixel data is copied unchanged from the input and is not text). A
+deflated data set is searched inflated; elements after the pixel data are searched. A NUL is
+inserted at the start and the end of every element value, at every sequence depth, so the
+binary tag and length bytes around a value (``2`` is the first byte of tag (0032,xxxx), a length
+of 48 is ``0``) never decide a boundary.
 
-**Product names are not searched in.** Before the search, every occurrence of a value the input
-holds in Manufacturer (0008,0070) or Manufacturer's Model Name (0008,1090), at any depth
-(:func:`product_names`), is blanked in the output bytes: PS3.15 keeps these attributes, and a site
-named like its vendor (``InstitutionName`` ``TOSHIBA``, ``Manufacturer`` ``TOSHIBA_MEC``) does not
-leak through them. Only the exact product strings are blanked, so an identifier copied anywhere
-else is still found.
+**Product names are not searched.** An output value of Manufacturer (0008,0070) or Manufacturer's
+Model Name (0008,1090), at any depth, that equals one of the input's values of these attributes
+(:func:`product_names`) is blanked: PS3.15 keeps them, and a site named like its vendor
+(Institution Name ``TOSHIBA``, Manufacturer ``TOSHIBA_MEC``) does not leak through them. Only
+those element values are blanked: the same string in any other element is still found.
 
 **A match** (:func:`find_leaks`) is case-insensitive (ASCII case folding), with the value encoded
 as UTF-8, as Latin-1 and in the output's Specific Character Set, and must sit on a boundary:
@@ -51,20 +55,22 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import _read_file_meta_info, data_element_generator
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 __all__ = [
     "IDENTIFYING_KEYWORDS",
     "MIN_LENGTH",
+    "PLACEHOLDERS",
     "find_leaks",
     "identifying_values",
     "iter_elements",
@@ -73,6 +79,11 @@ __all__ = [
 ]
 
 MIN_LENGTH = 4
+
+#: Values that are placeholders, not identifiers (compared case-insensitively).
+PLACEHOLDERS: frozenset[str] = frozenset(
+    {"anonymized", "anonymised", "anonymous", "removed", "deleted", "unknown", "redacted"}
+)
 
 IDENTIFYING_KEYWORDS: frozenset[str] = frozenset(
     {
@@ -103,6 +114,8 @@ IDENTIFYING_KEYWORDS: frozenset[str] = frozenset(
 STANDARD_UID_ROOT = "1.2.840.10008."
 PIXEL_DATA = 0x7FE00010
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_PRODUCT_TAGS = frozenset({0x00080070, 0x00081090})
+_UNDEFINED = 0xFFFFFFFF
 _COMPONENT_SPLIT = re.compile(r"[\^=\s]+")
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _LETTER = re.compile(r"[^\W\d_]")
@@ -186,7 +199,7 @@ def identifying_values(path: Path) -> dict[str, set[str]]:
 
     def add(value: str, where: str) -> None:
         value = value.strip(" \x00")
-        if len(value) >= MIN_LENGTH:
+        if len(value) >= MIN_LENGTH and value.casefold() not in PLACEHOLDERS:
             found.setdefault(value, set()).add(where)
 
     for where, element in iter_elements(ds):
@@ -231,30 +244,121 @@ def _file_meta(data: bytes) -> tuple[int, str]:
     return fp.tell(), str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
 
 
-def _scan(path: Path) -> tuple[bytes, list[str]]:
-    """Pixel-free bytes of `path` and the Python encodings of its Specific Character Set."""
+def _is_sequence(raw: RawDataElement) -> bool:
+    if raw.VR == "SQ":
+        return True
+    if raw.VR in (None, "UN"):
+        try:
+            return bool(dictionary_VR(raw.tag) == "SQ")
+        except KeyError:
+            return False
+    return False
+
+
+@dataclass
+class _Walk:
+    """Value boundaries and product-name values found while walking an encoded data set."""
+
+    fp: BytesIO
+    little: bool
+    marks: set[int] = field(default_factory=set)
+    products: list[tuple[int, int]] = field(default_factory=list)
+
+    def elements(self, elements: Iterable[RawDataElement | DataElement], implicit: bool) -> None:
+        for element in elements:
+            if isinstance(element, DataElement):  # an undefined-length sequence, already read
+                if element.VR == "SQ" and element.value is not None:
+                    for item in element.value:
+                        self.elements(_raw_items(item), implicit)
+                continue
+            start = element.value_tell or 0
+            self.marks.add(start)
+            if element.length == _UNDEFINED:
+                continue
+            self.marks.add(start + element.length)
+            if element.tag in _PRODUCT_TAGS:
+                self.products.append((start, start + element.length))
+            if element.length and _is_sequence(element):
+                # a sequence encoded as UN is Implicit VR Little Endian inside (PS3.5 6.2.2)
+                nested = implicit or element.VR == "UN"
+                self.fp.seek(start)
+                try:
+                    items = read_sequence(
+                        self.fp, nested, self.little or nested, element.length, "iso8859"
+                    )
+                except Exception:  # not parseable as items: its bytes are searched as they are
+                    continue
+                for item in items:
+                    self.elements(_raw_items(item), nested)
+
+
+def _raw_items(ds: Dataset) -> list[RawDataElement | DataElement]:
+    """The elements of `ds` as read (raw, not converted)."""
+    return [ds.get_item(tag) for tag in list(ds.keys())]
+
+
+@dataclass
+class _Scanned:
+    pixel_free: bytes  # the file, pixel data value cut out (replaced by one NUL)
+    searched: bytes  # the same with a NUL at every value boundary and product names blanked
+    charset: list[str]
+
+
+def _joined(data: bytes, marks: Iterable[int], cut: tuple[int, int] | None) -> bytes:
+    """`data` with a NUL inserted at every mark and ``data[cut[0]:cut[1]]`` replaced by one."""
+    points = set(marks)
+    if cut is not None:
+        points.add(cut[0])
+    out = bytearray()
+    prev = 0
+    for mark in sorted(points):
+        if mark <= prev or mark >= len(data) or (cut and cut[0] < mark < cut[1]):
+            continue
+        out += data[prev:mark] + b"\x00"
+        prev = cut[1] if cut and mark == cut[0] else mark
+    out += data[prev:]
+    return bytes(out)
+
+
+def _scan(path: Path, products: Iterable[str] = ()) -> _Scanned:
     data = path.read_bytes()
     start, syntax = _file_meta(data)
     head, body = data[:start], data[start:]
     if syntax == DeflatedExplicitVRLittleEndian:
         body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
-    fp = BytesIO(body)
     implicit, little = syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
     charset: list[str] = ["iso8859"]
-    span: tuple[int, int] | None = None
+    cut: tuple[int, int] | None = None
+    top: list[RawDataElement | DataElement] = []
+    head_walk = _Walk(BytesIO(head), True)
+    walk = _Walk(BytesIO(body), little)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if start:
+            fp = BytesIO(head)
+            fp.seek(132)
+            head_walk.elements(data_element_generator(fp, False, True), False)
+        fp = BytesIO(body)
         for raw in data_element_generator(fp, implicit, little, defer_size=1024):
+            if raw.tag == PIXEL_DATA:
+                # the generator stands just past the value (and the delimiter, if encapsulated)
+                cut = (getattr(raw, "value_tell", 0) or 0, fp.tell())
+                continue
             if raw.tag == _SPECIFIC_CHARACTER_SET and isinstance(raw.value, bytes):
                 text = raw.value.decode("ascii", "replace").strip(" \x00")
-                charset = convert_encodings([p.strip() for p in text.split("\\")] or "")
-            elif raw.tag == PIXEL_DATA:
-                # the generator stands just past the element (and its delimiter, if encapsulated)
-                span = (getattr(raw, "value_tell", 0) or 0, fp.tell())
-                break
-    if span is not None:
-        body = body[: span[0]] + b"\x00" + body[span[1] :]
-    return head + body, charset
+                charset = convert_encodings([p.strip() for p in text.split("\\")])
+            top.append(raw)
+        walk.elements(top, implicit)
+    wanted = {e.strip(b" \x00").lower() for p in products for e in _encodings(p, charset)}
+    blanked = bytearray(body)
+    for begin, end in walk.products:
+        if bytes(blanked[begin:end]).strip(b" \x00").lower() in wanted:
+            blanked[begin:end] = bytes(end - begin)
+    return _Scanned(
+        pixel_free=head + _joined(body, (), cut),
+        searched=_joined(head, head_walk.marks, None) + _joined(bytes(blanked), walk.marks, cut),
+        charset=charset,
+    )
 
 
 def pixel_free_bytes(path: Path) -> bytes:
@@ -263,7 +367,7 @@ def pixel_free_bytes(path: Path) -> bytes:
     The value (native, or the items and delimiter of encapsulated data) is replaced by a single
     NUL, so no match can form across the cut; a deflated data set is returned inflated.
     """
-    return _scan(path)[0]
+    return _scan(path).pixel_free
 
 
 def _encodings(value: str, charset: list[str]) -> set[bytes]:
@@ -289,20 +393,19 @@ def _pattern(value: str, needle: bytes) -> re.Pattern[bytes]:
 
 
 def find_leaks(values: Iterable[str], output_path: Path, products: Iterable[str] = ()) -> set[str]:
-    """The `values` found in the pixel-free bytes of `output_path` (rules: module docstring).
+    """The `values` found in the bytes of `output_path` (rules: module docstring).
 
-    `products` are the input's :func:`product_names`, blanked in the output before the search.
+    `products` are the input's :func:`product_names`: an output Manufacturer or Manufacturer's
+    Model Name value equal to one of them is not searched.
     """
-    haystack, charset = _scan(output_path)
-    for product in products:
-        for encoded in _encodings(product, charset):
-            haystack = re.sub(re.escape(encoded), b"\x00" * len(encoded), haystack, flags=re.I)
+    scanned = _scan(output_path, products)
+    haystack = scanned.searched
     lowered = haystack.lower()
     leaks: set[str] = set()
     for value in values:
         if len(value) < MIN_LENGTH:
             continue
-        for needle in _encodings(value, charset):
+        for needle in _encodings(value, scanned.charset):
             if needle.lower() in lowered and _pattern(value, needle).search(haystack):
                 leaks.add(value)
                 break
