@@ -34,7 +34,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 
 from anonpipe.anon.identity import IdentityStore, PatientPseudonym
-from anonpipe.anon.profile import Action, Profile
+from anonpipe.anon.profile import Action, Profile, presence_rules
 from anonpipe.anon.residual import CONTEXT_KEYWORDS, IDENTIFYING_KEYWORDS, may_identify
 from anonpipe.anon.values import known_tag, values_of
 from anonpipe.anon.vocabulary import Vocabulary
@@ -166,6 +166,17 @@ class Cleaner:
             if cleaned is not None:
                 out.add(cleaned)
         return out
+
+    def keep_required(self, source: Dataset, cleaned: Dataset) -> None:
+        """Put back, empty, the attributes an IOD requires while a condition on `source` holds
+        (``presence`` in ``supplement.json``), where the rules removed them."""
+        for rule in presence_rules():
+            if not any(tag in source for tag in rule.when):
+                continue
+            for tag in rule.tags:
+                if tag in source and tag not in cleaned:
+                    vr = dictionary_VR(tag)
+                    cleaned.add(DataElement(tag, vr, DicomSequence() if vr == "SQ" else None))
 
     def element(self, element: DataElement, parent: Dataset) -> DataElement | None:
         """The cleaned element, or None when it must go."""

@@ -177,6 +177,7 @@ def _clean_and_write(
         patient, disagrees = store.study_patient(original_study or "", identity)
         cleaner = Cleaner(recipe, store, patient)
         cleaned = cleaner.dataset(ds)
+        cleaner.keep_required(ds, cleaned)
         trailing = cleaner.dataset(parsed.trailing) if parsed.trailing is not None else None
     written = cleaner.written | _record_method(cleaned, recipe)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):

@@ -34,12 +34,14 @@ __all__ = [
     "OPTION_NAMES",
     "Action",
     "Code",
+    "Presence",
     "Profile",
     "ProfileTable",
     "Rule",
     "TableEntry",
     "build_profile",
     "load_table",
+    "presence_rules",
 ]
 
 
@@ -235,6 +237,26 @@ def load_table() -> ProfileTable:
             f"profile_table.json lacks the repeating-group row {exc}; "
             "regenerate it with scripts/gen_profile_table.py"
         ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Attributes kept present, emptied, while the input has any of the `when` attributes."""
+
+    tags: tuple[int, ...]
+    when: tuple[int, ...]
+
+
+@cache
+def presence_rules() -> tuple[Presence, ...]:
+    """The ``presence`` rows of ``supplement.json`` (Type 2C attributes the table removes)."""
+    supplement = json.loads(
+        files(__package__ or "anonpipe.anon").joinpath("supplement.json").read_text("utf-8")
+    )
+    return tuple(
+        Presence(tuple(int(t, 16) for t in row["tags"]), tuple(int(t, 16) for t in row["when"]))
+        for row in supplement.get("presence", ())
+    )
 
 
 def _resolve(entry: TableEntry, options: frozenset[str]) -> Rule:
