@@ -181,13 +181,19 @@ class Cleaner:
     def element(self, element: DataElement, parent: Dataset) -> DataElement | None:
         """The cleaned element, or None when it must go."""
         tag = element.tag
-        if tag.element == 0:  # group lengths: recomputed by the writer when needed
-            return None
+        if tag.element == 0 or tag.group in _NOT_IN_A_DATASET:
+            return None  # group lengths (recomputed), stray command or file meta elements
         if tag.is_private:
             return self._private(element, parent)
         rule = self.recipe.profile.rule(tag)
         if rule is None:
             return self._unlisted(element)
+        if rule.action is Action.REMOVE and int(tag) not in PSEUDONYM_TAGS:
+            return None
+        if not _vr_agrees(int(tag), element.VR):
+            # A listed (possibly identifying) element whose VR contradicts the dictionary: its
+            # bytes mean something else than the rule expects, so no rule can be applied safely.
+            raise ElementError(f"VR {element.VR} where the dictionary has another", "")
         pseudonym = self._pseudonyms.get(int(tag))
         if pseudonym is not None and rule.action is not Action.KEEP:
             text = str(element.value or "").strip()
@@ -294,8 +300,19 @@ class Cleaner:
 
 
 _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
+#: Groups that never belong in a data set: command (0000) and file meta (0002) elements there
+#: are strays (a flipped bit can end the meta early); the writer builds the meta anew.
+_NOT_IN_A_DATASET = frozenset({0x0000, 0x0002})
 #: Bytes per value of the binary VRs whose value count the dictionary's multiplicity fixes.
 _VALUE_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
+
+
+@lru_cache(maxsize=8192)
+def _vr_agrees(tag: int, vr: str | None) -> bool:
+    """Whether `vr` is one the dictionary allows for `tag` (UN and unknown tags: yes)."""
+    if vr is None or vr == "UN" or not known_tag(tag):
+        return True
+    return vr in dictionary_VR(tag).split(" or ")
 
 
 @lru_cache(maxsize=8192)
@@ -334,7 +351,7 @@ def unread_fate(profile: Profile, tag: int, vr: str | None, length: int | None =
     dictionary cannot vouch for (:func:`_judgeable`); ``read`` otherwise. Deciding before
     decoding spares pydicom most of a header's conversions.
     """
-    if tag & 0xFFFF == 0:
+    if tag & 0xFFFF == 0 or tag >> 16 in _NOT_IN_A_DATASET:
         return "drop"
     if tag & 1 << 16:
         return "read" if "retain_safe_private" in profile.options else "drop"

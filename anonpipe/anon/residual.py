@@ -114,6 +114,9 @@ CONTEXT_KEYWORDS: frozenset[str] = frozenset(
         "RequestingService",
         "CurrentPatientLocation",
         "AssignedLocation",
+        "SourceApplicationEntityTitle",
+        "SendingApplicationEntityTitle",
+        "ReceivingApplicationEntityTitle",
     }
 )
 

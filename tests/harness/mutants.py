@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.datadict import DicomDictionary, dictionary_VR, get_entry
+from pydicom.datadict import dictionary_VR, get_entry, keyword_dict
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from tests.harness.studygen import Manifest
@@ -55,13 +55,10 @@ _PIXEL_DATA = 0x7FE00010
 _FIRST_PIXEL_TAG = 0x7FE00008
 
 #: VRs with a 2-byte length after the VR, and those with 2 reserved bytes and a 4-byte length.
-SHORT_VRS: tuple[bytes, ...] = tuple(
-    vr.encode()
-    for vr in "AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
-)
-LONG_VRS: tuple[bytes, ...] = tuple(
-    vr.encode() for vr in "OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
-)
+_SHORT = "AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US"
+_LONG = "OB OD OF OL OV OW SQ SV UC UN UR UT UV"
+SHORT_VRS: tuple[bytes, ...] = tuple(_SHORT.encode().split(b" "))
+LONG_VRS: tuple[bytes, ...] = tuple(_LONG.encode().split(b" "))
 _VALID_VRS = frozenset(SHORT_VRS + LONG_VRS)
 
 #: Syntaxes whose data set is Explicit VR Little Endian (RLE: encapsulated pixels).
@@ -252,7 +249,7 @@ def _skip_items(data: bytes, pos: int, explicit: bool) -> int:
 def walk(
     data: bytes, pos: int, explicit: bool, while_: Callable[[int], bool] = lambda _tag: True
 ) -> list[Element]:
-    """The top-level elements from `pos` to the end of `data` (or the first tag `while_` refuses)."""
+    """The top-level elements from `pos` to the end of `data` or the first tag `while_` refuses."""
     elements: list[Element] = []
     while pos < len(data) and while_(_tag_at(data, pos)):
         element = element_at(data, pos, explicit)
@@ -292,7 +289,9 @@ def _pad(value: bytes, pad: bytes = b" ") -> bytes:
     return value + pad if len(value) % 2 else value
 
 
-def encode_element(tag: int, vr: str, value: bytes, explicit: bool, undefined: bool = False) -> bytes:
+def encode_element(
+    tag: int, vr: str, value: bytes, explicit: bool, undefined: bool = False
+) -> bytes:
     """One Little Endian element; `undefined` writes length 0xFFFFFFFF (the caller adds the
     sequence delimiter to `value`)."""
     length = _UNDEFINED if undefined else len(value)
@@ -354,7 +353,7 @@ def _defined_public_tags() -> tuple[int, ...]:
     return tuple(
         sorted(
             tag
-            for tag in DicomDictionary
+            for tag in keyword_dict.values()
             if tag >> 16 not in (0x0000, 0x0002, 0xFFFE)
             and tag & 0xFFFF
             and not tag >> 16 & 1
@@ -374,7 +373,9 @@ def _private_tag(rng: random.Random, taken: frozenset[int]) -> int:
     """An odd-group tag: a creator slot (gggg,00xx) or a data element without its creator."""
     while True:
         group = rng.randrange(0x0009, 0x7FE0) | 1
-        element = rng.randrange(0x10, 0x100) if rng.random() < 0.3 else rng.randrange(0x1000, 0x10000)
+        element = (
+            rng.randrange(0x10, 0x100) if rng.random() < 0.3 else rng.randrange(0x1000, 0x10000)
+        )
         tag = group << 16 | element
         if tag not in taken:
             return tag
@@ -447,8 +448,7 @@ def _tag_change(
     tag = target(rng, source.tags)
     renamed = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + data[element.start + 4 : element.end]
     parts = [
-        (tag, renamed) if e is element else (e.tag, data[e.start : e.end])
-        for e in source.elements
+        (tag, renamed) if e is element else (e.tag, data[e.start : e.end]) for e in source.elements
     ]
     body = b"".join(raw for _, raw in sorted(parts, key=lambda part: part[0]))
     return data[: source.meta_end] + body, f"{_tag_text(element.tag)} -> {_tag_text(tag)}"
@@ -574,7 +574,10 @@ def _fresh_uid(rng: random.Random, length: int, used: set[str]) -> str:
 def _with_uid(source: _Source, uid: str) -> bytes:
     """`source` with `uid` as its SOP Instance UID (data set and file meta), same length."""
     buf = bytearray(source.data)
-    for element in (source.element(0x00080018), next(e for e in source.meta if e.tag == 0x00020003)):
+    for element in (
+        source.element(0x00080018),
+        next(e for e in source.meta if e.tag == 0x00020003),
+    ):
         assert element is not None
         buf[element.value_start : element.value_start + len(uid)] = uid.encode("ascii")
     return bytes(buf)
