@@ -153,6 +153,8 @@ class Cleaner:
             if isinstance(item, RawDataElement):
                 fate = unread_fate(self.recipe.profile, int(tag), item.VR, item.length)
                 if fate == "copy":
+                    if _binary(int(tag), item.VR) and _looks_like_text(item.value):
+                        continue  # text where numbers belong: a corrupted tag, not a value
                     out[tag] = item
                     continue
                 if fate == "drop":
@@ -305,6 +307,20 @@ _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
 _NOT_IN_A_DATASET = frozenset({0x0000, 0x0002})
 #: Bytes per value of the binary VRs whose value count the dictionary's multiplicity fixes.
 _VALUE_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
+
+
+@lru_cache(maxsize=8192)
+def _binary(tag: int, vr: str | None) -> bool:
+    """Whether the element holds numbers (US, UL, AT, FL, ...) by its VR or the dictionary's."""
+    return (vr or dictionary_VR(tag)) in _VALUE_SIZE
+
+
+def _looks_like_text(value: bytes | None) -> bool:
+    """Printable ASCII with a letter, four bytes or more: text, not the numbers of a binary VR
+    (their bytes hold zeros or non-ASCII bytes but for freak values)."""
+    if value is None or len(value) < 4:
+        return False
+    return all(0x20 <= b <= 0x7E for b in value) and any(chr(b).isalpha() for b in value)
 
 
 @lru_cache(maxsize=8192)
