@@ -151,11 +151,10 @@ class Cleaner:
         for tag in source.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
             item = source.get_item(tag)
             if isinstance(item, RawDataElement):
-                fate = unread_fate(self.recipe.profile, int(tag), item.VR, item.length)
+                fate = unread_fate(self.recipe.profile, int(tag), item.VR)
                 if fate == "copy":
-                    if _binary(int(tag), item.VR) and _looks_like_text(item.value):
-                        continue  # text where numbers belong: a corrupted tag, not a value
-                    out[tag] = item
+                    if _plausible_numbers(int(tag), item.VR, item.value):
+                        out[tag] = item
                     continue
                 if fate == "drop":
                     continue
@@ -240,10 +239,13 @@ class Cleaner:
 
     def _unlisted(self, element: DataElement) -> DataElement | None:
         vr = element.VR
-        size = _VALUE_SIZE.get(vr)
-        length = None if size is None else size * len(values_of(element.value))
-        if not _judgeable(int(element.tag), vr, length):
+        tag = int(element.tag)
+        if not _judgeable(tag, vr):
             return None
+        size = _VALUE_SIZE.get(vr)
+        multiplicity = dictionary_VM(tag) if size else ""
+        if multiplicity.isdigit() and len(values_of(element.value)) != int(multiplicity):
+            return None  # read already (a value of the file was converted): judged by count
         if vr == "SQ":
             return self._sequence(element)
         if vr == "UI":
@@ -309,12 +311,6 @@ _NOT_IN_A_DATASET = frozenset({0x0000, 0x0002})
 _VALUE_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
 
 
-@lru_cache(maxsize=8192)
-def _binary(tag: int, vr: str | None) -> bool:
-    """Whether the element holds numbers (US, UL, AT, FL, ...) by its VR or the dictionary's."""
-    return (vr or dictionary_VR(tag)) in _VALUE_SIZE
-
-
 def _looks_like_text(value: bytes | None) -> bool:
     """Printable ASCII with a letter, four bytes or more: text, not the numbers of a binary VR
     (their bytes hold zeros or non-ASCII bytes but for freak values)."""
@@ -332,32 +328,35 @@ def _vr_agrees(tag: int, vr: str | None) -> bool:
 
 
 @lru_cache(maxsize=8192)
-def _judgeable(tag: int, vr: str | None, length: int | None = None) -> bool:
+def _judgeable(tag: int, vr: str | None) -> bool:
     """Whether an unlisted public element means what the dictionary says, so it may be kept.
 
-    Not when the dictionary does not know the tag, when the element's VR is UN or contradicts
-    the dictionary's, or when a binary value's size contradicts the dictionary's multiplicity
-    (text written into a US element, an implicit-VR file whose tag was corrupted).
+    Not when the dictionary does not know the tag, or when the element's VR is UN or
+    contradicts the dictionary's (see :func:`_plausible_numbers` for the value itself).
     """
     if not known_tag(tag) or vr == "UN":
         return False
-    expected = dictionary_VR(tag)
-    if vr is not None and vr not in expected.split(" or "):
-        return False
-    vr = vr or expected
-    size = _VALUE_SIZE.get(vr)
-    if size is None or length is None or length == 0xFFFFFFFF:
+    return vr is None or vr in dictionary_VR(tag).split(" or ")
+
+
+def _plausible_numbers(tag: int, vr: str | None, value: bytes | None) -> bool:
+    """Whether a binary element's bytes can be the numbers the dictionary says it holds.
+
+    Not when their size contradicts the dictionary's value multiplicity, or when they are
+    printable text (text written into a US element, an implicit-VR file whose tag was corrupted:
+    the bytes would pass through as they are).
+    """
+    size = _VALUE_SIZE.get(vr or dictionary_VR(tag))
+    if size is None or value is None:
         return True
-    if length % size:
+    if len(value) % size or _looks_like_text(value):
         return False
     multiplicity = dictionary_VM(tag)
-    if multiplicity.isdigit():
-        return length == int(multiplicity) * size
-    return True
+    return not multiplicity.isdigit() or len(value) == int(multiplicity) * size
 
 
 @lru_cache(maxsize=8192)
-def unread_fate(profile: Profile, tag: int, vr: str | None, length: int | None = None) -> str:
+def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
     """What happens to a still-encoded element whatever its value: copy, drop, or read it.
 
     ``copy`` for public elements the profile does not list, whose VR is known and not one that
@@ -375,7 +374,7 @@ def unread_fate(profile: Profile, tag: int, vr: str | None, length: int | None =
     if rule is not None:
         removed = rule.action is Action.REMOVE and tag not in PSEUDONYM_TAGS
         return "drop" if removed else "read"
-    if not _judgeable(tag, vr, length):
+    if not _judgeable(tag, vr):
         return "drop"
     keyword = keyword_for_tag(tag)
     if (
