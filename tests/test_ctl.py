@@ -159,8 +159,10 @@ def test_status_is_a_readable_table() -> None:
         "landed",
         "clean",
         "quarantined",
+        "duplicates",
         "pushed",
         "reason",
+        "notes",
     ]
     assert any(line.split()[:2] == ["9", "held"] and "reviews conflict" in line for line in lines)
     assert lines[-1].endswith("pulls stopped")

@@ -39,7 +39,9 @@ def count_study(local: LocalSettings, peer: Endpoint, study_uid: str) -> StudyCo
     """The study's instance (and series) count on *peer*, or None when it has no such study.
 
     Asks for Number of Study Related Instances / Series; a PACS that leaves them empty is asked
-    again at IMAGE level and the instances are counted.
+    again at IMAGE level and the instances are counted. A PACS that files one study under
+    several patients (Orthanc does when objects of the study disagree on Patient ID) answers one
+    match per patient: their counts are summed, as a C-MOVE of the study sends them all.
 
     Raises
     ------
@@ -57,11 +59,13 @@ def count_study(local: LocalSettings, peer: Endpoint, study_uid: str) -> StudyCo
     matches = list(_find(local, peer, query))
     if not matches:
         return None
-    found = matches[0]
-    instances = _as_int(found.get("NumberOfStudyRelatedInstances"))
-    series = _as_int(found.get("NumberOfStudyRelatedSeries"))
-    if instances is None:
+    counts = [_as_int(m.get("NumberOfStudyRelatedInstances")) for m in matches]
+    series_counts = [_as_int(m.get("NumberOfStudyRelatedSeries")) for m in matches]
+    if any(count is None for count in counts):
         instances = len(list_instances(local, peer, study_uid))
+    else:
+        instances = sum(count for count in counts if count is not None)
+    series = None if None in series_counts else sum(c for c in series_counts if c is not None)
     return StudyCount(instances, series)
 
 

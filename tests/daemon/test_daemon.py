@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 from anonpipe import ctl
 from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import Site, StudyPlan, build_site
+from tests.harness.mutants import DEEP_NESTING_KINDS, mutate
 from tests.harness.orthanc import OrthancFactory
 
 pytestmark = pytest.mark.timeout(300)
@@ -483,7 +484,11 @@ def test_a_malformed_object_is_quarantined_and_every_other_study_delivered(
         if s["study"] == site.review.find_study(victim.study_instance_uid).id
     )
     assert row["quarantined"] == 1 and row["step"] == "published"
-    # No planted identifier in status, state.db or the log.
+    _assert_nothing_planted(site, status)
+
+
+def _assert_nothing_planted(site: Site, status: dict[str, object]) -> None:
+    """No planted identifier in the status reply, state.db or the daemon's (debug) log."""
     dump = "\n".join(
         str(r)
         for table in ("runs", "studies", "files")
@@ -498,3 +503,49 @@ def test_a_malformed_object_is_quarantined_and_every_other_study_delivered(
             ("log", log),
         ):
             assert not m.find_planted(blob, uids=False), where
+
+
+def test_mutants_in_staging_are_quarantined_or_clean_and_every_study_delivered(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    """Seeded mutants of the approved studies' objects, as many as the staging PACS accepts,
+    pulled with the rest by the daemon: every landed file clean without a planted identifier or
+    quarantined with a reason, every study published, nothing identifying in status, state.db
+    or the log."""
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
+    candidates = [
+        m
+        for m in mutate(site.manifests[0], tmp_path / "mutants", 56, seed=2024)
+        if m.kind not in DEEP_NESTING_KINDS  # Orthanc 1.10 itself dies on those
+    ]
+    accepted = 0
+    for mutant in candidates:
+        try:
+            site.staging.upload([mutant.path])
+            accepted += 1
+        except Exception:  # the staging PACS refused it: nothing to pull
+            site.staging.studies()  # ... but it must still be up
+    assert accepted >= 10, "the staging PACS refused nearly every mutant: the test proves little"
+    config = site.config_path.read_text().replace('level = "info"', 'level = "debug"')
+    site.config_path.write_text(config)
+    daemon = Daemon(site, short_dir)
+    try:
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish", timeout=240)
+        status = ctl.request(site.socket_path, "status", {})
+    finally:
+        assert daemon.terminate() == 0
+    for uid in site.approved_uids:
+        assert site.review.find_study(uid).image_published, "a study was not delivered"
+    files = _state(site, "SELECT status, reason FROM files")
+    assert {str(s) for s, _ in files} <= {"clean", "duplicate", "quarantined"}
+    assert all(r for s, r in files if s == "quarantined"), "a quarantine without a reason"
+    landed = _state(site, "SELECT SUM(landed), SUM(clean + quarantined + duplicates) FROM studies")
+    assert landed[0][0] == landed[0][1] == len(files)  # nothing lost
+    clean = sum(1 for s, _ in files if s == "clean")
+    assert len(site.research.instances()) == clean
+    assert len(files) > site.expected_instances()  # mutants did land
+    for instance in site.research.instances():
+        data = site.research.download(instance)
+        for m in site.manifests:
+            assert not m.find_planted(data, uids=True), "a planted identifier reached research"
+    _assert_nothing_planted(site, status)

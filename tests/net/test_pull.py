@@ -116,6 +116,32 @@ def test_pull_counts_a_study_exactly(
     assert len(registry) == 0  # the expectation ended with the pull
 
 
+def test_a_study_filed_under_two_patients_is_counted_whole(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """Objects of one study that disagree on Patient ID: Orthanc files the study under each
+    patient and answers the study C-FIND once per patient; the C-MOVE sends them all."""
+    manifest = study_factory(series_per_study=2, instances_per_series=3)
+    variant = tmp_path / "variant.dcm"
+    ds = pydicom.dcmread(manifest.paths[0])
+    ds.PatientID = f"{ds.PatientID}-OTHER"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(variant)
+    staging_orthanc.upload([*manifest.paths, variant])
+    study_uid = manifest.studies[0].study_instance_uid
+    assert len(staging_orthanc.studies()) == 2  # one study UID, two Orthanc studies
+
+    result = pull_study(local, staging, registry, study_uid, tmp_path / "from_staging")
+    assert result.status == "complete", result.detail
+    assert result.expected == result.completed == result.landed == 7
+
+
 def test_pull_of_an_unknown_study_and_of_a_down_staging(
     scp: StorageSCP,
     registry: LandingRegistry,
