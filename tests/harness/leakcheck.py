@@ -82,7 +82,7 @@ MIN_LENGTH = 4
 
 #: Values that are placeholders, not identifiers (compared case-insensitively).
 PLACEHOLDERS: frozenset[str] = frozenset(
-    {"anonymized", "anonymised", "anonymous", "removed", "deleted", "unknown", "redacted"}
+    {"anon", "anonymized", "anonymised", "anonymous", "removed", "deleted", "unknown", "redacted"}
 )
 
 IDENTIFYING_KEYWORDS: frozenset[str] = frozenset(
