@@ -14,9 +14,11 @@ an element of a given VR. Decisions of ours, beyond Table E.1-1:
 * Clean (C) without a cleaner for the value falls back to the basic action: descriptors on the
   limited vocabulary are kept verbatim, anything else is removed as the basic profile says;
 * a public element the dictionary does not know (and any sequence of that kind, with everything
-  nested in it), one whose explicit VR contradicts the dictionary, one of unknown VR (UN), and a
-  binary one whose value count contradicts the dictionary's multiplicity are removed: we cannot
-  judge what they hold (a tag corrupted in transit can carry a patient ID anywhere).
+  nested in it), one whose explicit VR contradicts the dictionary, and a binary one whose value
+  count contradicts the dictionary's multiplicity or that holds text are removed: we cannot judge
+  what they hold (a tag corrupted in transit can carry a patient ID anywhere). A known element
+  stored as UN (by a PACS that did not know it) is read with the dictionary's VR and judged as
+  that; one still UN once read is removed.
 """
 
 from __future__ import annotations
@@ -240,8 +242,8 @@ class Cleaner:
     def _unlisted(self, element: DataElement) -> DataElement | None:
         vr = element.VR
         tag = int(element.tag)
-        if not _judgeable(tag, vr):
-            return None
+        if vr == "UN" or not _judgeable(tag, vr):
+            return None  # still UN once read: its dictionary VR did not fit its bytes
         size = _VALUE_SIZE.get(vr)
         multiplicity = dictionary_VM(tag) if size else ""
         if multiplicity.isdigit() and len(values_of(element.value)) != int(multiplicity):
@@ -331,12 +333,14 @@ def _vr_agrees(tag: int, vr: str | None) -> bool:
 def _judgeable(tag: int, vr: str | None) -> bool:
     """Whether an unlisted public element means what the dictionary says, so it may be kept.
 
-    Not when the dictionary does not know the tag, or when the element's VR is UN or
-    contradicts the dictionary's (see :func:`_plausible_numbers` for the value itself).
+    Not when the dictionary does not know the tag, or when the element's VR contradicts the
+    dictionary's (see :func:`_plausible_numbers` for the value itself). UN is no contradiction:
+    a PACS that did not know the tag stored it so; the element is read with the dictionary's VR
+    (pydicom's ``replace_un_with_known_vr``) and judged as that.
     """
-    if not known_tag(tag) or vr == "UN":
+    if not known_tag(tag):
         return False
-    return vr is None or vr in dictionary_VR(tag).split(" or ")
+    return vr is None or vr == "UN" or vr in dictionary_VR(tag).split(" or ")
 
 
 def _plausible_numbers(tag: int, vr: str | None, value: bytes | None) -> bool:
@@ -376,6 +380,8 @@ def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
         return "drop" if removed else "read"
     if not _judgeable(tag, vr):
         return "drop"
+    if vr == "UN":
+        return "read"  # converted to the dictionary's VR on reading, then judged
     keyword = keyword_for_tag(tag)
     if (
         (vr or dictionary_VR(tag)) in _NEVER_UNREAD

@@ -88,3 +88,42 @@ def test_referenced_study_sequence_is_removed_not_emptied(source: Path, tmp_path
     (outcome,) = _run([source], tmp_path)
     assert outcome.output is not None
     assert "ReferencedStudySequence" not in pydicom.dcmread(outcome.output)
+
+
+def _as_un(path: Path, keyword: str, dest: Path) -> Path:
+    """`path` with element `keyword` re-encoded as explicit VR UN, as a PACS that did not know
+    the tag would store it."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(path)
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    value = ds[tag].value
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    del ds[tag]
+    ds.add(DataElement(tag, "UN", raw + b" " * (len(raw) % 2)))
+    ds.save_as(dest)
+    return dest
+
+
+def test_a_known_element_stored_as_un_is_kept_as_its_vr(source: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(source)
+    ds.ConvolutionKernel = "STANDARD"  # (0018,1210), not in Table E.1-1: kept
+    plain = tmp_path / "plain.dcm"
+    ds.save_as(plain)
+    (outcome,) = _run([_as_un(plain, "ConvolutionKernel", tmp_path / "un.dcm")], tmp_path)
+    assert outcome.status == "clean" and outcome.output is not None
+    out = pydicom.dcmread(outcome.output)
+    assert out["ConvolutionKernel"].VR == "SH" and out.ConvolutionKernel == "STANDARD"
+
+
+def test_an_identifier_in_an_element_stored_as_un_is_still_caught(
+    source: Path, tmp_path: Path
+) -> None:
+    ds = pydicom.dcmread(source)
+    ds.ConvolutionKernel = str(ds.PatientID)
+    plain = tmp_path / "plain.dcm"
+    ds.save_as(plain)
+    (outcome,) = _run([_as_un(plain, "ConvolutionKernel", tmp_path / "un.dcm")], tmp_path)
+    assert outcome.status == "quarantined" and outcome.reason == "residual PHI"
