@@ -525,6 +525,7 @@ def test_mutants_in_staging_are_quarantined_or_clean_and_every_study_delivered(
             accepted += 1
         except Exception:  # the staging PACS refused it: nothing to pull
             site.staging.studies()  # ... but it must still be up
+    print(f"the staging PACS accepted {accepted} of {len(candidates)} mutants")
     assert accepted >= 10, "the staging PACS refused nearly every mutant: the test proves little"
     config = site.config_path.read_text().replace('level = "info"', 'level = "debug"')
     site.config_path.write_text(config)
