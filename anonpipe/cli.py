@@ -35,21 +35,23 @@ Run = Callable[[argparse.Namespace], int]
 
 def _startup_errors() -> tuple[type[BaseException], ...]:
     from anonpipe.anon.identity import IdentityError
+    from anonpipe.daemon.lock import DataDirLocked
     from anonpipe.daemon.reviewdb import ReviewDatabaseError
     from anonpipe.hooks import HookError
 
-    return (OSError, IdentityError, ReviewDatabaseError, HookError, RuntimeError)
+    return (OSError, IdentityError, ReviewDatabaseError, HookError, RuntimeError, DataDirLocked)
 
 
 def _startup_exit(command: str, exc: BaseException) -> int:
-    """Report a start-up failure; configuration problems (review DB, hook, key) exit 2, the
-    rest (a port in use, a socket held by another daemon) 1."""
+    """Report a start-up failure; configuration problems (review DB, hook, key, a data folder
+    another anonpipe holds) exit 2, the rest (a port in use, a socket held by another daemon) 1."""
     from anonpipe.anon.identity import IdentityError
+    from anonpipe.daemon.lock import DataDirLocked
     from anonpipe.daemon.reviewdb import ReviewDatabaseError
     from anonpipe.hooks import HookError
 
     print(f"anonpipe {command}: cannot start: {exc}", file=sys.stderr)
-    if isinstance(exc, IdentityError | ReviewDatabaseError | HookError):
+    if isinstance(exc, IdentityError | ReviewDatabaseError | HookError | DataDirLocked):
         return EXIT_USAGE
     return EXIT_FAILURE
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from anonpipe.config import Settings
 from anonpipe.daemon.control import ControlServer
+from anonpipe.daemon.lock import DataDirLock
 from anonpipe.daemon.notify import Notifier
 from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
@@ -55,6 +56,7 @@ class Service:
             min_free_bytes=settings.local.min_free_mb * 2**20,
             spool_dir=data_dir / "incoming",
         )
+        self.lock = DataDirLock(data_dir)
         self.control: ControlServer | None = None
         self.paused = False
         #: Set on SIGTERM/SIGINT or stop(); read from the push threads too.
@@ -74,12 +76,18 @@ class Service:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, *, control: bool = True) -> None:
-        """Open the stores, start the SCP and the control socket, then tell systemd READY=1."""
+        """Lock the data folder, open the stores, start the SCP and the control socket, then tell
+        systemd READY=1."""
         hook = resolve_hook(
             self.settings.pipeline.post_anon_hook, self.settings.pipeline.hook_files
         )
         await self.review.check()
-        await self.store.open()
+        self.lock.acquire()
+        try:
+            await self.store.open()
+        except BaseException:
+            self.lock.release()
+            raise
         self.pipeline = Pipeline(
             self.settings,
             self.store,
@@ -100,6 +108,7 @@ class Service:
             # Undo what opened, so a failed start leaves no thread or socket behind.
             await asyncio.to_thread(self.scp.stop, 0.0)
             await self.store.close()
+            self.lock.release()
             raise
         self.notifier.ready(self._status_line())
         log.info("service started", scp_port=self.scp.port, paused=self.paused)
@@ -112,6 +121,7 @@ class Service:
             await self.control.stop()
         await asyncio.to_thread(self.scp.stop, 30.0)
         await self.store.close()
+        self.lock.release()
         log.info("service stopped")
 
     async def run(self, shutdown: asyncio.Event, *, once: bool = False) -> None:

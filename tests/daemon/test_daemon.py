@@ -23,10 +23,12 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
 from anonpipe import ctl
+from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import Site, StudyPlan, build_site
 from tests.harness.mutants import DEEP_NESTING_KINDS, mutate
 from tests.harness.orthanc import OrthancFactory
+from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -550,3 +552,40 @@ def test_mutants_in_staging_are_quarantined_or_clean_and_every_study_delivered(
         for m in site.manifests:
             assert not m.find_planted(data, uids=True), "a planted identifier reached research"
     _assert_nothing_planted(site, status)
+
+
+def test_a_second_daemon_on_the_same_data_folder_exits_2_naming_the_holder(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=1))
+    first = Daemon(site, short_dir)
+    try:
+        first.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        # Another control socket and port, the same data folder.
+        other = tmp_path / "other.toml"
+        text = site.config_path.read_text()
+        port = load_settings(site.config_path, {}).local.port
+        text = text.replace(f"port = {port}\n", f"port = {free_port()}\n", 1)
+        text = text.replace(str(site.socket_path), str(short_dir / "other.sock"))
+        other.write_text(text)
+        for command in ("daemon", "run-once"):
+            started = time.monotonic()
+            second = subprocess.run(
+                [sys.executable, "-m", "anonpipe.cli", command, "-c", str(other)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert second.returncode == 2, second.stderr
+            assert f"pid {first.proc.pid}" in second.stderr and str(site.data_dir) in second.stderr
+            assert time.monotonic() - started < 20
+        assert _run_state(site) == "done"  # the first one's run is untouched
+    finally:
+        first.kill()  # kill -9: the kernel drops the lock, nothing to clear by hand
+    again = subprocess.run(
+        [sys.executable, "-m", "anonpipe.cli", "run-once", "-c", str(site.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
