@@ -494,8 +494,10 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         )
         if report.failed:
             state = "failed"
+            why = Counter(f.error for f in report.failed).most_common(1)[0][0]
             reason = (
                 f"push failed after retries: {len(report.failed)} of {len(files)} files not stored"
+                f" ({why})"
             )
         elif not check.ok:
             state = "failed"

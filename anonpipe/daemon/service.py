@@ -26,7 +26,13 @@ from anonpipe.daemon.state import RunRecord, StateStore
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import LandingRegistry, StorageSCP
-from anonpipe.scu import MisrouteError, MisrouteGuard, echo, remote_peers
+from anonpipe.scu import (
+    MisrouteError,
+    MisrouteGuard,
+    echo,
+    end_open_associations,
+    remote_peers,
+)
 
 __all__ = ["Service", "state_store_path"]
 
@@ -154,9 +160,11 @@ class Service:
         loop = asyncio.get_running_loop()
 
         def request_stop() -> None:
-            # Only flags: the run stops at its next step boundary, then run() returns.
+            # Flags: the run stops at its next step boundary, then run() returns; and a request
+            # waiting on a peer (a silent one included) ends now instead of at the DIMSE timeout.
             self.shutting_down.set()
             shutdown.set()
+            end_open_associations("the service is stopping")
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, request_stop)

@@ -4,7 +4,12 @@ Knows DICOM networking and files; nothing of de-identification. The pull counts 
 the SCP's :class:`~anonpipe.scp.LandingRegistry`, its only link to :mod:`anonpipe.scp`.
 """
 
-from anonpipe.scu.association import PeerUnavailable, associate, describe
+from anonpipe.scu.association import (
+    PeerUnavailable,
+    associate,
+    describe,
+    end_open_associations,
+)
 from anonpipe.scu.echo import EchoResult, echo, remote_peers
 from anonpipe.scu.find import QueryFailed, StudyCount, count_study, list_instances
 from anonpipe.scu.move import MisrouteError, MisrouteGuard, PullBlocked, PullResult, pull_study
@@ -36,6 +41,7 @@ __all__ = [
     "count_study",
     "describe",
     "echo",
+    "end_open_associations",
     "list_instances",
     "pull_study",
     "push_files",

@@ -6,21 +6,31 @@ so it is passed to ``associate`` as well), a connection timeout (pynetdicom has 
 and turns "not established" into :class:`PeerUnavailable` naming the peer and the cause. It also
 closes a race in pynetdicom's reactor that could leave a request waiting for a response that had
 already arrived (:func:`_return_stolen_responses`).
+
+**An abort is an answer.** pynetdicom's ``send_*`` methods wait for the response on a queue for
+the whole DIMSE timeout (10 minutes by default), even when the peer has already aborted the
+association or closed the connection: its reactor, which notices, is paused while they wait. Our
+associations watch for an A-ABORT PDU and the connection closing (pynetdicom's own events, from
+its DUL thread) and then wake the waiting request at once (:func:`ended`). The service does the
+same to every open association when it stops (:func:`end_open_associations`), so SIGTERM never
+waits on a silent peer.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import Endpoint, set_nodelay
 
-__all__ = ["PeerUnavailable", "associate", "describe"]
+__all__ = ["PeerUnavailable", "associate", "describe", "end_open_associations", "ended"]
 
 #: At most this many presentation contexts may be proposed in one association (PS3.8 9.3.2).
 MAX_CONTEXTS = 128
@@ -83,19 +93,80 @@ def associate(
         evt_handlers=[
             (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
             (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_PDU_RECV, _on_pdu),
+            (evt.EVT_CONN_CLOSE, _on_close),
         ],
     )
     if not assoc.is_established:
         raise PeerUnavailable(peer, _failure_reason(assoc, peer, bool(connected)))
     _return_stolen_responses(assoc)
+    with _OPEN_LOCK:
+        _OPEN.add(assoc)
     try:
         yield assoc
     except BaseException:
         if assoc.is_established:
             assoc.abort()
         raise
+    finally:
+        with _OPEN_LOCK:
+            _OPEN.discard(assoc)
     if assoc.is_established:
+        setattr(assoc, _RELEASING, True)
         assoc.release()
+
+
+#: The associations of this process that are open now (see :func:`end_open_associations`).
+_OPEN: set[Any] = set()
+_OPEN_LOCK = threading.Lock()
+_ENDED = "_anonpipe_ended"
+_RELEASING = "_anonpipe_releasing"
+
+
+def ended(assoc: Any) -> str | None:
+    """Why the association ended under a request (aborted, closed, stopped), or None."""
+    reason: str | None = getattr(assoc, _ENDED, None)
+    return reason
+
+
+def _end(assoc: Any, reason: str) -> None:
+    """Record the first reason and wake a request waiting for its response (it then gets
+    none, at once, instead of after the DIMSE timeout)."""
+    if getattr(assoc, _ENDED, None) is None:
+        setattr(assoc, _ENDED, reason)
+    assoc.dimse.msg_queue.put((None, None))
+
+
+#: A-ABORT source 0: the peer's application aborted (the reason field is not significant then).
+_ABORT_BY_USER = 0
+
+
+def _on_pdu(event: Any) -> None:
+    pdu = event.pdu
+    if isinstance(pdu, A_ABORT_RQ):
+        if pdu.source == _ABORT_BY_USER:
+            why = "aborted by the peer's application"
+        else:
+            why = f"aborted by the peer's DICOM stack ({pdu.reason_str})"
+        _end(event.assoc, why)
+
+
+def _on_close(event: Any) -> None:
+    if not getattr(event.assoc, _RELEASING, False):
+        _end(event.assoc, "the peer closed the connection")
+
+
+def end_open_associations(reason: str) -> int:
+    """End every association this process has open: each request waiting on one gets no
+    response, at once, and reports `reason` (e.g. the service is stopping). Returns how many.
+
+    Thread-safe (it only records and wakes; the waiting thread aborts its own association).
+    """
+    with _OPEN_LOCK:
+        open_now = list(_OPEN)
+    for assoc in open_now:
+        _end(assoc, reason)
+    return len(open_now)
 
 
 def _return_stolen_responses(assoc: Any) -> None:
@@ -134,5 +205,6 @@ def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> str:
             )
         return "association rejected; check that it knows our AE title"
     if assoc.is_aborted:
-        return "association aborted by the peer (no presentation context accepted?)"
+        why = ended(assoc) or "association aborted by the peer"
+        return f"{why}; no presentation context accepted, or our AE title not allowed there?"
     return f"no association response within {assoc.acse_timeout:g} s"

@@ -28,7 +28,7 @@ from anonpipe.dimse import STUDY_ROOT_MOVE, Endpoint, Status, status_category
 from anonpipe.durable import fsync_path
 from anonpipe.logs import get_logger
 from anonpipe.scp.landing import ArrivalHandler, LandingRegistry
-from anonpipe.scu.association import associate, describe
+from anonpipe.scu.association import associate, describe, ended
 from anonpipe.scu.find import count_study
 
 __all__ = ["MisrouteError", "MisrouteGuard", "PullBlocked", "PullResult", "pull_study"]
@@ -140,6 +140,8 @@ class _Counters:
     warning: int = 0
     remaining: int = 0
     final: int | None = None
+    #: Why the move ended without a final response (aborted, closed, stopped), when known.
+    ended: str | None = None
 
     def update(self, status: Dataset) -> None:
         for name, attr in (
@@ -237,8 +239,10 @@ def pull_study(
                     stopped = True
                     break
                 code = status.get("Status") if status else None
-                if code is None:
-                    break  # timeout or abort: no final response
+                if code is None:  # no final response: the peer aborted, timed out, or we stop
+                    stopped = stop is not None and stop.is_set()
+                    counters.ended = ended(assoc)
+                    break
                 counters.update(status)
                 if status_category(int(code)) != "pending":
                     counters.final = int(code)
@@ -297,7 +301,8 @@ def _judge(
     elif counters.completed > landed:
         status, detail = "misrouted", "completed sub-operations that never reached us"
     elif final is None:
-        status, detail = "incomplete", "no final C-MOVE response (timeout or abort)"
+        why = counters.ended or "no answer within the DIMSE timeout"
+        status, detail = "incomplete", f"no final C-MOVE response ({why})"
     elif final == Status.MOVE_DESTINATION_UNKNOWN:
         status = "undeliverable"
         detail = "the staging PACS does not know our AE title as a move destination"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -24,7 +25,7 @@ from anonpipe.config import LocalSettings, ResearchSettings
 from anonpipe.dimse import Status, configure_transfer, status_category
 from anonpipe.headers import read_header, text_value
 from anonpipe.logs import get_logger
-from anonpipe.scu.association import MAX_CONTEXTS, PeerUnavailable, associate, describe
+from anonpipe.scu.association import MAX_CONTEXTS, PeerUnavailable, associate, describe, ended
 from anonpipe.scu.find import QueryFailed, count_study
 
 __all__ = [
@@ -326,9 +327,10 @@ def _send_share(
                         rest = batch[index:]
                         outcomes.extend((item, None, NOT_SENT_STOPPED, False) for item in rest)
                         break
-                    if not assoc.is_established:
+                    if not assoc.is_established or ended(assoc):
                         lost = batch[index:]
-                        outcomes.extend((rest, None, "association lost", True) for rest in lost)
+                        why = ended(assoc) or "association lost"
+                        outcomes.extend((rest, None, why, True) for rest in lost)
                         break
                     outcome = _send_one(assoc, item)
                     outcomes.append(outcome)
@@ -342,17 +344,20 @@ def _send_share(
     return outcomes
 
 
-def _send_one(assoc: object, item: PushItem) -> _Outcome:
+def _send_one(assoc: Any, item: PushItem) -> _Outcome:
     try:
-        answer = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
+        answer = assoc.send_c_store(item.path)
     except ValueError:
         error = f"the peer accepts this SOP class in no context with syntax {item.transfer_syntax}"
         return item, None, error, False
+    except RuntimeError:  # pynetdicom: the association is no longer established
+        return item, None, ended(assoc) or "association lost", True
     except (OSError, AttributeError) as exc:
         return item, None, f"cannot send the file ({type(exc).__name__})", True
     status = answer.get("Status") if answer else None
     if status is None:
-        return item, None, "no C-STORE response (timeout or abort)", True
+        why = ended(assoc) or f"no C-STORE response within {assoc.dimse_timeout:g} s"
+        return item, None, why, True
     code = int(status)
     if status_category(code) in ("success", "warning"):
         return item, code, "", False

@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,28 @@ def test_research_down_is_retried_then_written_back_as_failed(site: Site) -> Non
     push = "\n".join(run.read_lines("push_output.txt"))
     assert "no connection" in push
     assert run.read_lines("overview.txt")[-1] == "0 studies marked as pushed"
+
+
+def test_a_research_pacs_that_aborts_our_stores_is_answered_in_seconds(site: Site) -> None:
+    """Our AE title not allowed to store: Orthanc aborts at the C-STORE. The push retries with
+    its backoff and the studies are written back with the reason, in seconds, not after a DIMSE
+    timeout per attempt."""
+    site.research.stop()
+    site.research.extra_config = {"DicomAlwaysAllowStore": False}
+    site.research.start(same_ports=True)
+    config = site.config_path.read_text().replace("[local]\n", "[local]\ndimse_timeout = 300\n")
+    site.config_path.write_text(config)
+    started = time.monotonic()
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    assert time.monotonic() - started < 90
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert not row.image_published and row.processing_error
+        message = row.processing_error_msg or ""
+        assert message.startswith("push failed after retries") and "aborted by the peer" in message
+    (run,) = RunDir.list(site.data_dir)
+    assert "aborted by the peer" in "\n".join(run.read_lines("push_output.txt"))
+    assert not site.research.instances()
 
 
 def test_scheduler_waits_for_a_research_pacs_that_is_down(

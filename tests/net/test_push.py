@@ -9,14 +9,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE, evt
 
 from anonpipe.config import LocalSettings, Peer, ResearchSettings
 from anonpipe.scp import LandingRegistry, StorageSCP
-from anonpipe.scu import FileResult, PushItem, push_files, push_tree, verify_studies
+from anonpipe.scu import (
+    FileResult,
+    PushItem,
+    end_open_associations,
+    push_files,
+    push_tree,
+    verify_studies,
+)
 from anonpipe.scu.store import NOT_SENT_STOPPED, _batches
-from tests.harness.orthanc import OrthancServer
+from tests.harness.orthanc import OrthancFactory, OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
-from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
+from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, SOP_CLASS_BY_MODALITY, Manifest
 from tests.net.conftest import down_peer
 
 pytestmark = pytest.mark.timeout(180)
@@ -202,3 +210,65 @@ def test_contexts_are_split_at_128_per_association() -> None:
     assert sorted(item.path for batch, _ in batches for item in batch) == sorted(
         i.path for i in items
     )
+
+
+def test_a_research_pacs_that_aborts_is_an_answer_not_a_timeout(
+    orthanc_factory: OrthancFactory,
+    local: LocalSettings,
+    study_factory: Callable[..., Manifest],
+) -> None:
+    """Our AE title not allowed to store there: Orthanc aborts the association at the C-STORE.
+    Each attempt ends at once with the reason; the retries follow; no DIMSE timeout is waited."""
+    refusing = orthanc_factory("RESEARCH", extra_config={"DicomAlwaysAllowStore": False})
+    research = ResearchSettings(
+        ae_title="RESEARCH", host=LOOPBACK, port=refusing.dicom_port, retries=2, retry_backoff=0.1
+    )
+    manifest = study_factory(series_per_study=1, instances_per_series=3)
+    started = time.monotonic()
+    report = push_files(replace(local, dimse_timeout=120), research, manifest.paths)
+    assert time.monotonic() - started < 15
+    assert len(report.failed) == 3 and not report.stored
+    for result in report.failed:
+        assert result.error.startswith("aborted by the peer"), result.error
+        assert result.attempts == 3
+    assert not refusing.instances()
+
+
+def test_stopping_ends_a_wait_on_a_silent_peer(
+    local: LocalSettings, study_factory: Callable[..., Manifest]
+) -> None:
+    """A peer that takes the C-STORE and never answers: end_open_associations (what SIGTERM
+    does) ends the wait at once with its reason, instead of the DIMSE timeout."""
+    release = threading.Event()
+
+    def never_answer(_event: object) -> int:
+        release.wait(60)
+        return 0x0000
+
+    silent = AE(ae_title="SILENT")
+    for sop_class in SOP_CLASS_BY_MODALITY.values():
+        silent.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = silent.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, never_answer)]
+    )
+    try:
+        peer = ResearchSettings(ae_title="SILENT", host=LOOPBACK, port=port, retries=0)
+        manifest = study_factory(series_per_study=1, instances_per_series=2)
+        stop = threading.Event()
+
+        def sigterm() -> None:
+            time.sleep(1.0)
+            stop.set()
+            assert end_open_associations("the service is stopping") == 1
+
+        threading.Thread(target=sigterm, daemon=True).start()
+        started = time.monotonic()
+        report = push_files(replace(local, dimse_timeout=120), peer, manifest.paths, stop=stop)
+        assert time.monotonic() - started < 10
+        assert report.failed[0].error == "the service is stopping"
+        assert report.stopped
+    finally:
+        release.set()
+        assert server is not None
+        server.shutdown()
