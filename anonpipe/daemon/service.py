@@ -39,6 +39,12 @@ __all__ = ["Service", "state_store_path"]
 log = get_logger(__name__)
 
 
+#: How long a stopping service lets inbound associations finish before it aborts them: short,
+#: so SIGTERM ends the daemon within 10 s in every state (an unfinished object is not kept, and
+#: the sender was never told it landed).
+DRAIN_SECONDS = 5.0
+
+
 def state_store_path(settings: Settings) -> Path:
     """``state.db`` beside the data folder (never inside a run directory)."""
     return settings.pipeline.data_dir / "state.db"
@@ -125,7 +131,7 @@ class Service:
         self.notifier.stopping("stopping: draining associations")
         if self.control is not None:
             await self.control.stop()
-        await asyncio.to_thread(self.scp.stop, 30.0)
+        await asyncio.to_thread(self.scp.stop, DRAIN_SECONDS)
         await self.store.close()
         self.lock.release()
         log.info("service stopped")

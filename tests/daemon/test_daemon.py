@@ -21,6 +21,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from anonpipe import ctl
 from anonpipe.config import load_settings
@@ -28,7 +30,8 @@ from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import Site, StudyPlan, build_site
 from tests.harness.mutants import DEEP_NESTING_KINDS, mutate
 from tests.harness.orthanc import OrthancFactory
-from tests.harness.ports import free_port
+from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, SOP_CLASS_BY_MODALITY
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -589,3 +592,45 @@ def test_a_second_daemon_on_the_same_data_folder_exits_2_naming_the_holder(
         timeout=120,
     )
     assert again.returncode == 0, again.stderr
+
+
+def test_sigterm_during_a_push_to_a_silent_peer_stops_within_10_s(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    """The research PACS takes the C-STOREs and never answers: SIGTERM still ends the daemon in
+    seconds (exit 0, run left stopped), not after the DIMSE timeout."""
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=1))
+    release = threading.Event()
+
+    def never_answer(_event: object) -> int:
+        release.wait(120)
+        return 0x0000
+
+    silent = AE(ae_title=site.research.aet)
+    silent.add_supported_context(Verification)
+    for sop_class in SOP_CLASS_BY_MODALITY.values():
+        silent.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = silent.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, never_answer)]
+    )
+    assert server is not None
+    try:
+        text = site.config_path.read_text().replace(
+            f"port = {site.research.dicom_port}\n", f"port = {port}\n"
+        )
+        site.config_path.write_text(text.replace("[local]\n", "[local]\ndimse_timeout = 300\n"))
+        daemon = Daemon(site, short_dir)
+        try:
+            daemon.wait_for(lambda: _studies_in(site, "pushing") == 1, what="the push to start")
+            time.sleep(1.0)  # the first C-STORE is waiting for its answer
+            started = time.monotonic()
+            assert daemon.terminate() == 0
+            assert time.monotonic() - started < 10
+        finally:
+            if daemon.proc.poll() is None:
+                daemon.kill()
+        assert _run_state(site) == "stopped"
+    finally:
+        release.set()
+        server.shutdown()

@@ -70,7 +70,7 @@ def test_security_exposure_is_low() -> None:
         ("WatchdogSec", "60"),
         ("Restart", "on-failure"),
         ("RestartSec", "5"),
-        ("TimeoutStopSec", "120"),
+        ("TimeoutStopSec", "30"),
         ("KillMode", "mixed"),
         ("User", "anonpipe"),
         ("Group", "anonpipe"),
