@@ -22,7 +22,7 @@ from pynetdicom import AE, _config, evt
 from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
-from anonpipe.scp import spool
+from anonpipe.scp import decoding, spool
 from anonpipe.scp.handlers import on_c_store, on_closed, on_requested
 from anonpipe.scp.lander import Lander, Tally
 from anonpipe.scp.landing import LandingRegistry
@@ -154,6 +154,7 @@ class StorageSCP:
         )
 
     def _prepare_spool(self) -> None:
+        decoding.install(lambda _assoc: self.lander.refused.add(decoding.MALFORMED_COMMAND))
         if self.spool_dir is None:
             spool.install(Path(tempfile.gettempdir()))
             return

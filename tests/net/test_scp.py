@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
 
 from anonpipe.config import LocalSettings, Peer, ResearchSettings
 from anonpipe.dimse import Status
@@ -333,3 +338,41 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_c_store_without_affected_sop_instance_uid_ends_its_association_only(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """pynetdicom's network thread died on such a command (raw traceback, no answer, a spool
+    file kept until restart). Now: that association is aborted at once, nothing is kept, the
+    refusal is counted, and the next association is served."""
+    manifest = study_factory(series_per_study=1, instances_per_series=2)
+    ds = dcmread(manifest.paths[0])
+    with registry.expect(str(ds.StudyInstanceUID), tmp_path / "landing") as landing:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(LOOPBACK, scp.port, ae_title=OUR_AE)
+        assert assoc.is_established
+        request = C_STORE()
+        request.MessageID = 7
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.Priority = 2
+        encoded = DicomBytesIO()
+        encoded.is_little_endian, encoded.is_implicit_VR = True, False
+        write_dataset(encoded, ds)
+        request.DataSet = io.BytesIO(encoded.getvalue())
+        context = assoc._get_valid_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, "scu")
+        assert context.context_id is not None
+        started = time.monotonic()
+        assoc.dimse.send_msg(request, context.context_id)  # no Affected SOP Instance UID
+        _wait_until(lambda: not assoc.is_established, timeout=5)
+        assert time.monotonic() - started < 5
+        assert assoc.is_aborted
+        # The SCP is still serving: the other object lands.
+        assert _pyscu_store(scp.port, dcmread(manifest.paths[1])) == Status.SUCCESS
+        assert landing.landed == 1
+    assert not list(Path(tempfile.gettempdir()).glob("in-*.dcm"))  # the spool (see conftest)
+    assert scp.status().refused == {"malformed DIMSE command: association aborted": 1}
