@@ -3,7 +3,10 @@
 Contracts (one place for each):
 
 - ``EVT_REQUESTED`` → :func:`on_requested`: reject (A-ASSOCIATE-RJ, permanent, service user) any
-  association that does not call our AE title or comes from a peer not allowed from its address.
+  association that does not call our AE title or comes from a peer not allowed from its address,
+  and (transient, local limit exceeded) an allowed one when all slots are taken.
+- ``EVT_CONN_OPEN`` / ``EVT_CONN_CLOSE`` → :class:`~anonpipe.scp.connections.ConnectionGuard`:
+  the limits on every connection (time to associate, read timeout, PDU length, per host).
 - ``EVT_C_STORE`` → :func:`on_c_store`: answer 0x0000 once the object is durable in a pull's
   landing folder; otherwise a failure status from :class:`~anonpipe.scp.lander.Refused`, 0xA700
   when out of space, 0x0110 for anything unexpected. Never raises.
@@ -22,6 +25,7 @@ from typing import Any
 
 from anonpipe.dimse import Status
 from anonpipe.logs import get_logger
+from anonpipe.scp.connections import LIMIT_REACHED, ConnectionGuard
 from anonpipe.scp.lander import Lander, Refused, StoreRequest, Tally
 from anonpipe.scp.peers import PeerPolicy
 from anonpipe.scp.spool import discard_unfinished, spool_error
@@ -33,25 +37,33 @@ log = get_logger(__name__)
 #: A-ASSOCIATE-RJ result "rejected-permanent" and source "DICOM UL service-user".
 _REJECTED_PERMANENT = 0x01
 _SERVICE_USER = 0x01
+#: A-ASSOCIATE-RJ rejected-transient, service-provider (presentation), local-limit-exceeded.
+_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
 
-def on_requested(event: Any, policy: PeerPolicy, rejections: Tally) -> None:
-    """Reject the association unless the peer policy allows it; count the rejection."""
+def on_requested(event: Any, policy: PeerPolicy, rejections: Tally, guard: ConnectionGuard) -> None:
+    """Reject the association unless the peer policy allows it and a slot is free (allowed
+    peers' accepted associations only count, :class:`ConnectionGuard`); count the rejection."""
     requestor = event.assoc.requestor
     called = str(requestor.primitive.called_ae_title)
     calling = str(requestor.primitive.calling_ae_title)
     rejection = policy.check(called, calling, str(requestor.address))
     if rejection is None:
-        return
-    rejections.add(rejection.message)
+        if guard.admit(event.assoc, event.assoc.ae.acse_timeout):
+            return
+        reason, answer = LIMIT_REACHED, _LIMIT_EXCEEDED
+    else:
+        guard.rejected(event.assoc)
+        reason, answer = rejection.message, (_REJECTED_PERMANENT, _SERVICE_USER, rejection.reason)
+    rejections.add(reason)
     log.warning(
         "association rejected",
-        reason=rejection.message,
+        reason=reason,
         calling_ae=calling,
         called_ae=called,
         peer_address=str(requestor.address),
     )
-    event.assoc.acse.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, rejection.reason)
+    event.assoc.acse.send_reject(*answer)
     # As pynetdicom does after its own rejections: let the DUL send the A-ASSOCIATE-RJ, then stop.
     event.assoc.kill()
 

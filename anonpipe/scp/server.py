@@ -23,6 +23,7 @@ from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
 from anonpipe.scp import decoding, spool
+from anonpipe.scp.connections import ConnectionGuard, close_unassociated
 from anonpipe.scp.handlers import on_c_store, on_closed, on_requested
 from anonpipe.scp.lander import Lander, Tally
 from anonpipe.scp.landing import LandingRegistry
@@ -31,6 +32,15 @@ from anonpipe.scp.peers import PeerPolicy
 __all__ = ["ScpStatus", "StorageSCP"]
 
 log = get_logger(__name__)
+
+#: A connection must send its A-ASSOCIATE-RQ within this many seconds (every DICOM peer does so
+#: at once); and a PDU it has started must arrive whole within READ_TIMEOUT seconds.
+ASSOCIATE_WITHIN = 5.0
+READ_TIMEOUT = 60.0
+#: Connections one address may hold open without an association.
+PENDING_PER_HOST = 8
+#: pynetdicom's own limit on concurrent connections (two threads each).
+THREAD_BOUND = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +96,24 @@ class StorageSCP:
         self.policy = PeerPolicy(local.ae_title, peers)
         self.lander = Lander(registry, min_free_bytes)
         self.rejections = Tally()
+        self.guard = ConnectionGuard(
+            max_associations=local.max_associations,
+            max_pdu_size=local.max_pdu_size,
+            associate_within=ASSOCIATE_WITHIN,
+            read_timeout=min(local.network_timeout, READ_TIMEOUT),
+            pending_per_host=PENDING_PER_HOST,
+            on_refusal=self.rejections.add,
+        )
         self.spool_dir = spool_dir
         self._server: Any = None
         self._lock = threading.Lock()
 
     def _application_entity(self) -> Any:
         ae = AE(ae_title=self.local.ae_title)
-        ae.maximum_associations = self.local.max_associations
+        # pynetdicom counts every connected socket, associated or not, against its limit: ours
+        # (ConnectionGuard.admit) counts allowed peers' accepted associations; its own only
+        # bounds the threads.
+        ae.maximum_associations = max(THREAD_BOUND, 4 * self.local.max_associations)
         ae.maximum_pdu_size = self.local.max_pdu_size
         ae.acse_timeout = self.local.acse_timeout
         ae.dimse_timeout = self.local.dimse_timeout
@@ -131,10 +152,12 @@ class StorageSCP:
             _config.UNRESTRICTED_STORAGE_SERVICE = True
             self._prepare_spool()
             handlers = [
-                (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections]),
+                (evt.EVT_REQUESTED, on_requested, [self.policy, self.rejections, self.guard]),
                 (evt.EVT_C_STORE, on_c_store, [self.lander]),
                 (evt.EVT_CONN_CLOSE, on_closed),
+                (evt.EVT_CONN_CLOSE, self.guard.on_close),
                 (evt.EVT_CONN_OPEN, set_nodelay),
+                (evt.EVT_CONN_OPEN, self.guard.on_open),
             ]
             ae = self._application_entity()
             address = (self.local.bind, self.local.port)
@@ -198,7 +221,10 @@ class StorageSCP:
             time.sleep(0.05)
         leftover = list(server.active_associations)
         for assoc in leftover:
-            assoc.abort()
+            if assoc.is_established:
+                assoc.abort()
+            else:  # a connection that never associated: nothing to abort, close it
+                close_unassociated(assoc)
         if leftover:
             log.warning("associations aborted at stop", count=len(leftover))
         log.info("storage scp stopped", ae_title=self.local.ae_title)

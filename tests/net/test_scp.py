@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -376,3 +380,83 @@ def test_a_c_store_without_affected_sop_instance_uid_ends_its_association_only(
         assert landing.landed == 1
     assert not list(Path(tempfile.gettempdir()).glob("in-*.dcm"))  # the spool (see conftest)
     assert scp.status().refused == {"malformed DIMSE command: association aborted": 1}
+
+
+def _connect_from(address: str, port: int, first_bytes: bytes = b"") -> socket.socket:
+    """A TCP connection to our SCP from another loopback address (another host, as seen)."""
+    sock = socket.socket()
+    sock.bind((address, 0))
+    sock.connect((LOOPBACK, port))
+    if first_bytes:
+        sock.sendall(first_bytes)
+    return sock
+
+
+def _rss_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_idle_half_sent_and_huge_pdus_neither_lock_out_nor_bloat_the_scp(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """200 connections that send nothing or half a PDU, from 100 addresses, and one PDU header
+    claiming 4 GiB: an allowed peer still associates, echoes and stores at once, memory stays
+    flat, the idle connections are closed within seconds and a stop takes under a second."""
+    rss = _rss_mib()
+    hostile = [_connect_from(f"127.0.1.{1 + i % 100}", scp.port) for i in range(100)]
+    hostile += [
+        _connect_from(f"127.0.1.{1 + i % 100}", scp.port, b"\x01\x00\x00\x00\x10\x00abc")
+        for i in range(100)
+    ]
+    huge = _connect_from("127.0.2.1", scp.port, struct.pack(">BBL", 1, 0, 0xFFFFFFF0))
+    with contextlib.suppress(OSError):
+        for _ in range(64):  # the SCP closes the connection instead of buffering this
+            huge.sendall(bytes(1 << 20))
+    try:
+        started = time.monotonic()
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="STORESCU")  # an allowed peer
+        manifest = study_factory(series_per_study=1, instances_per_series=1)
+        ds = dcmread(manifest.paths[0])
+        with registry.expect(str(ds.StudyInstanceUID), tmp_path / "landing") as landing:
+            assert _pyscu_store(scp.port, ds) == Status.SUCCESS
+            assert landing.landed == 1
+        assert time.monotonic() - started < 10
+        assert _rss_mib() - rss < 50
+        _wait_until(lambda: scp.active_associations() == 0, timeout=15)
+        assert scp.status().rejected_associations.get("PDU longer than we accept") == 1
+    finally:
+        for sock in [*hostile, huge]:
+            sock.close()
+
+
+def test_one_address_may_hold_few_connections_without_an_association(scp: StorageSCP) -> None:
+    sockets = [_connect_from("127.0.3.1", scp.port) for _ in range(20)]
+    try:
+        _wait_until(
+            lambda: (
+                scp.status().rejected_associations.get(
+                    "too many connections without an association from one address", 0
+                )
+                == 12
+            )
+        )
+        echoscu(scp.port, called_aet=OUR_AE, calling_aet="STORESCU")  # others still get in
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_stop_with_idle_connections_open_is_quick(scp: StorageSCP) -> None:
+    sockets = [_connect_from(f"127.0.4.{1 + i}", scp.port) for i in range(30)]
+    try:
+        _wait_until(lambda: scp.active_associations() >= 20)
+        started = time.monotonic()
+        scp.stop(drain_timeout=2)
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,0 +1,174 @@
+"""Limits on every connection to our SCP, before and after it becomes an association.
+
+pynetdicom gives each accepted socket two threads and counts it against
+``maximum_associations`` from the moment it connects, whoever it is; it reads a PDU's whole
+length into memory before any check; and a socket that sends half a PDU blocks its reader for
+good (accepted sockets have no timeout). So anyone who can reach the port could take every slot
+(the staging PACS's C-MOVE sub-associations were then refused, and every pull blamed the staging
+PACS), hold them for as long as they like, or make us buffer gigabytes. :class:`ConnectionGuard`
+is bound to ``EVT_CONN_OPEN``, ``EVT_REQUESTED`` and ``EVT_CONN_CLOSE`` and answers each of
+those with a limit:
+
+- a connection must send its A-ASSOCIATE-RQ within ``associate_within`` seconds (pynetdicom's
+  ARTIM timer and ACSE wait, shortened for this connection until it is admitted), and a PDU it
+  starts must arrive whole within that time before the association and ``read_timeout``
+  seconds after it (a socket timeout), else the connection is closed;
+- a PDU longer than what we accept is refused without reading it (the connection is closed):
+  1 MiB before the association (an A-ASSOCIATE-RQ), our maximum PDU size after it (16 MiB when
+  none is configured);
+- at most ``pending_per_host`` connections from one address may wait without an association;
+  more are closed at once;
+- the association limit counts *accepted* associations of allowed peers only (checked after
+  the peer policy, in :meth:`admit`), so connections that never associate, and rejected ones,
+  never take an allowed peer's slot.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections import Counter
+from typing import Any
+
+from anonpipe.logs import get_logger
+
+__all__ = ["ConnectionGuard", "close_unassociated"]
+
+log = get_logger(__name__)
+
+#: The longest PDU accepted before an association exists: an A-ASSOCIATE-RQ with 128 contexts
+#: and a user identity is far below.
+PRE_ASSOCIATION_PDU = 1 << 20
+#: The longest PDU accepted when no maximum PDU size is configured (0 advertises "no limit").
+UNLIMITED_PDU_CAP = 16 << 20
+#: PDU header (type, reserved, length) and PDV item headers around the data we accepted.
+_PDU_SLACK = 1024
+
+# Reasons counted in the SCP's status (rejected associations / closed connections).
+TOO_MANY_PENDING = "too many connections without an association from one address"
+TOO_LONG = "PDU longer than we accept"
+LIMIT_REACHED = "association limit reached"
+
+
+def close_unassociated(assoc: Any) -> None:
+    """Close a connection that has not sent its A-ASSOCIATE-RQ, without waiting for it.
+
+    As if its ARTIM timer had expired (PS3.8 Evt18: pynetdicom closes the transport); there is
+    no association to abort, and pynetdicom's ``kill()`` would wait for that timer.
+    """
+    if assoc.dul.state_machine.current_state in ("Sta1", "Sta2"):
+        assoc.dul.event_queue.put("Evt18")
+
+
+class _PduLimit(OSError):
+    """Raised from a socket read to make pynetdicom close the connection (as for a reset)."""
+
+
+class ConnectionGuard:
+    """The limits of one SCP; see the module docstring. Thread-safe (pynetdicom's threads)."""
+
+    def __init__(
+        self,
+        *,
+        max_associations: int,
+        max_pdu_size: int,
+        associate_within: float,
+        read_timeout: float,
+        pending_per_host: int,
+        on_refusal: Any = None,
+    ) -> None:
+        self.max_associations = max_associations
+        self.max_pdu = (max_pdu_size or UNLIMITED_PDU_CAP) + _PDU_SLACK
+        self.associate_within = associate_within
+        self.read_timeout = read_timeout
+        self.pending_per_host = pending_per_host
+        self._on_refusal = on_refusal or (lambda _reason: None)
+        self._lock = threading.Lock()
+        self._pending: Counter[str] = Counter()
+        self._waiting: dict[int, str] = {}  # connections without an association yet -> host
+        self._accepted: set[int] = set()
+
+    # -- EVT_CONN_OPEN ------------------------------------------------------------------------
+
+    def on_open(self, event: Any) -> None:
+        assoc = event.assoc
+        if not assoc.is_acceptor:
+            return
+        host = str(event.address[0])
+        with self._lock:
+            self._pending[host] += 1
+            self._waiting[id(assoc)] = host
+            crowded = self._pending[host] > self.pending_per_host
+        # Until it associates: ARTIM (the DUL) and the ACSE wait (the association's thread).
+        assoc.acse_timeout = self.associate_within
+        self._read_timeout(assoc, self.associate_within)
+        self._limit_reads(assoc)
+        if crowded:
+            self._refuse(TOO_MANY_PENDING, host)
+            close_unassociated(assoc)
+
+    @staticmethod
+    def _read_timeout(assoc: Any, seconds: float) -> None:
+        raw = getattr(assoc.dul.socket, "socket", None)
+        if raw is not None:
+            raw.settimeout(seconds)
+
+    def _limit_reads(self, assoc: Any) -> None:
+        socket = assoc.dul.socket
+        read = socket.recv
+
+        def recv(nr_bytes: int) -> bytearray:
+            limit = self.max_pdu if assoc.is_established else PRE_ASSOCIATION_PDU
+            if nr_bytes > limit:
+                self._refuse(TOO_LONG, str(getattr(assoc.requestor, "address", "")))
+                raise _PduLimit(errno.EMSGSIZE, f"PDU of {nr_bytes} bytes refused")
+            data: bytearray = read(nr_bytes)
+            return data
+
+        socket.recv = recv
+
+    # -- EVT_REQUESTED (after the peer policy) ------------------------------------------------
+
+    def admit(self, assoc: Any, acse_timeout: float) -> bool:
+        """Count `assoc` (an allowed peer's) as accepted, or False when the limit is reached.
+
+        An admitted association gets back the configured `acse_timeout` and the longer read
+        timeout.
+        """
+        key = id(assoc)
+        with self._lock:
+            self._leave_pending(assoc)
+            if len(self._accepted) >= self.max_associations:
+                return False
+            self._accepted.add(key)
+        assoc.acse_timeout = acse_timeout
+        self._read_timeout(assoc, self.read_timeout)
+        return True
+
+    def rejected(self, assoc: Any) -> None:
+        """`assoc` was rejected by the peer policy: it no longer waits."""
+        with self._lock:
+            self._leave_pending(assoc)
+
+    # -- EVT_CONN_CLOSE -----------------------------------------------------------------------
+
+    def on_close(self, event: Any) -> None:
+        with self._lock:
+            self._leave_pending(event.assoc)
+            self._accepted.discard(id(event.assoc))
+
+    def _leave_pending(self, assoc: Any) -> None:
+        host = self._waiting.pop(id(assoc), None)
+        if host is not None:
+            self._pending[host] -= 1
+            if self._pending[host] <= 0:
+                del self._pending[host]
+
+    def _refuse(self, reason: str, host: str) -> None:
+        log.warning("connection closed", reason=reason, peer_address=host)
+        self._on_refusal(reason)
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self._accepted)
