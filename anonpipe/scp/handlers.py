@@ -26,7 +26,8 @@ from typing import Any
 from anonpipe.dimse import Status
 from anonpipe.logs import get_logger
 from anonpipe.scp.connections import LIMIT_REACHED, ConnectionGuard
-from anonpipe.scp.lander import Lander, Refused, StoreRequest, Tally
+from anonpipe.scp.lander import Lander, Refused, StoreRequest
+from anonpipe.scp.landing import Tally
 from anonpipe.scp.peers import PeerPolicy
 from anonpipe.scp.spool import discard_unfinished, spool_error
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from anonpipe.dimse import Status, is_valid_uid
 from anonpipe.durable import move_file
 from anonpipe.headers import read_header, text_value
-from anonpipe.scp.landing import Arrival, Landing, LandingRegistry
+from anonpipe.scp.landing import Arrival, Landing, LandingRegistry, Tally
 
-__all__ = ["Lander", "Refused", "StoreRequest", "Tally"]
+__all__ = ["Lander", "Refused", "StoreRequest"]
 
 #: Read from each header; the data set is not parsed past Series Instance UID.
 _UIDS = {
@@ -58,22 +56,6 @@ class StoreRequest:
     move_originator_message_id: int | None = None
     #: Set when writing the spool file failed (a full disk): the object is incomplete.
     write_error: OSError | None = None
-
-
-class Tally:
-    """A thread-safe count by reason, for ``anonpipectl status``."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def add(self, reason: str) -> None:
-        with self._lock:
-            self._counts[reason] += 1
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 class Lander:

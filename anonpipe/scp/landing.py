@@ -9,6 +9,7 @@ here too, per study, which is what lets a pull tell "the PACS says it sent 40" f
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,12 +116,33 @@ class Landing:
             return self._changed.wait_for(lambda: len(self._instances) >= count, timeout)
 
 
+class Tally:
+    """A thread-safe count by reason, for ``anonpipectl status``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class LandingRegistry:
-    """The studies currently expected, by Study Instance UID; shared by pulls and the SCP."""
+    """The studies currently expected, by Study Instance UID; shared by pulls and the SCP.
+
+    ``rejections`` counts, by reason, the associations the SCP rejected or connections it
+    closed: a pull that received nothing can then tell our own refusal from the staging PACS's.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._landings: dict[str, Landing] = {}
+        self.rejections = Tally()
 
     def __len__(self) -> int:
         with self._lock:

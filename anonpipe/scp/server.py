@@ -25,7 +25,7 @@ from anonpipe.logs import get_logger
 from anonpipe.scp import decoding, spool
 from anonpipe.scp.connections import ConnectionGuard, close_unassociated
 from anonpipe.scp.handlers import on_c_store, on_closed, on_requested
-from anonpipe.scp.lander import Lander, Tally
+from anonpipe.scp.lander import Lander
 from anonpipe.scp.landing import LandingRegistry
 from anonpipe.scp.peers import PeerPolicy
 
@@ -95,7 +95,7 @@ class StorageSCP:
         self.registry = registry
         self.policy = PeerPolicy(local.ae_title, peers)
         self.lander = Lander(registry, min_free_bytes)
-        self.rejections = Tally()
+        self.rejections = registry.rejections
         self.guard = ConnectionGuard(
             max_associations=local.max_associations,
             max_pdu_size=local.max_pdu_size,

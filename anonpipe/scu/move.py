@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,8 @@ class _Counters:
     final: int | None = None
     #: Why the move ended without a final response (aborted, closed, stopped), when known.
     ended: str | None = None
+    #: Associations or connections our SCP rejected during the move, by reason.
+    our_rejections: dict[str, int] = field(default_factory=dict)
 
     def update(self, status: Dataset) -> None:
         for name, attr in (
@@ -225,6 +227,7 @@ def pull_study(
         )
     counters = _Counters()
     stopped = False
+    rejected_before = registry.rejections.snapshot()
     with registry.expect(study_uid, landing_dir, on_arrival, found.instances) as landing:
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
@@ -252,6 +255,12 @@ def pull_study(
         if counters.final is not None:
             landing.wait_for(counters.completed, grace)
         landed, refused = landing.landed, landing.refused
+    rejected_after = registry.rejections.snapshot()
+    counters.our_rejections = {
+        reason: count - rejected_before.get(reason, 0)
+        for reason, count in rejected_after.items()
+        if count > rejected_before.get(reason, 0)
+    }
     result = _judge(found.instances, found.series, counters, landed, refused, start, stopped)
     if stopped:
         log.info("pull stopped", expected=found.instances, landed=landed)
@@ -310,10 +319,18 @@ def _judge(
         counters.failed > 0 or status_category(final) == "failure"
     ):
         status = "undeliverable"
-        detail = (
-            f"final status 0x{final:04X}, {counters.failed} failed sub-operations and none "
-            "reached us: check the PACS's address for our AE title and the firewall"
-        )
+        if counters.our_rejections:
+            listed = ", ".join(f"{n} {why}" for why, n in sorted(counters.our_rejections.items()))
+            detail = (
+                f"final status 0x{final:04X}, {counters.failed} failed sub-operations: our own "
+                f"SCP refused the staging PACS's connections ({listed}); check [local] "
+                "max_associations and allowed_peers, not the staging PACS"
+            )
+        else:
+            detail = (
+                f"final status 0x{final:04X}, {counters.failed} failed sub-operations and none "
+                "reached us: check the PACS's address for our AE title and the firewall"
+            )
     elif status_category(final) == "success" and landed == expected == counters.completed:
         status, detail = "complete", ""
     else:

@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import UID
 
 from anonpipe import cli
-from anonpipe.config import LocalSettings, ResearchSettings, StagingSettings
+from anonpipe.config import LocalSettings, Peer, ResearchSettings, StagingSettings
 from anonpipe.scp import Arrival, LandingRegistry, StorageSCP
 from anonpipe.scu import (
     MisrouteError,
@@ -29,7 +29,7 @@ from tests.harness.dcmtk import DcmtkError, StoreSCP, storescu
 from tests.harness.orthanc import OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
-from tests.net.conftest import OUR_AE
+from tests.net.conftest import OUR_AE, start_scp
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -114,6 +114,33 @@ def test_pull_counts_a_study_exactly(
     assert threading.current_thread().name not in threads
     assert all(a.move_originator_ae == OUR_AE for a in arrivals)
     assert len(registry) == 0  # the expectation ended with the pull
+
+
+def test_our_own_refusal_is_not_blamed_on_the_staging_pacs(
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """Our SCP does not allow the staging PACS (its AE title missing from allowed_peers): the
+    pull's reason says our SCP refused it, not "check the PACS's address"."""
+    mine = replace(local, port=free_port())
+    scp = start_scp(mine, registry, [Peer("SOMEONE-ELSE", LOOPBACK)])
+    try:
+        manifest = study_factory(series_per_study=1, instances_per_series=2)
+        staging_orthanc.upload(manifest.paths)
+        staging_orthanc.add_modality("anonpipe", OUR_AE, LOOPBACK, mine.port)
+        staging = StagingSettings(
+            ae_title=staging_orthanc.aet, host=LOOPBACK, port=staging_orthanc.dicom_port
+        )
+        study_uid = manifest.studies[0].study_instance_uid
+        result = pull_study(mine, staging, registry, study_uid, tmp_path / "in", grace=0.5)
+    finally:
+        scp.stop(drain_timeout=1)
+    assert result.status == "undeliverable" and result.landed == 0
+    assert "our own SCP refused the staging PACS's connections" in result.detail
+    assert "address for our AE title" not in result.detail
 
 
 def test_a_study_filed_under_two_patients_is_counted_whole(
