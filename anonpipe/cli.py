@@ -252,7 +252,7 @@ def _run_once(args: argparse.Namespace) -> int:
     """One whole run in the foreground (an unfinished or failed run is resumed first), then exit."""
     import asyncio
 
-    from anonpipe.daemon.runner import execute_run
+    from anonpipe.daemon.runner import RunStopped, execute_run
     from anonpipe.daemon.service import Service
     from anonpipe.logs import configure_logging
 
@@ -271,13 +271,17 @@ def _run_once(args: argparse.Namespace) -> int:
             runs = await service.store.runs()
             # In the foreground the operator is present: an interrupted or failed run resumes.
             run = runs[-1] if runs and runs[-1].state != "done" else None
-            result = await execute_run(
-                service.pipeline,
-                run,
-                max_studies=args.max,
-                practice=True if args.practice else None,
-                no_push=True if args.no_push else None,
-            )
+            try:
+                result = await execute_run(
+                    service.pipeline,
+                    run,
+                    max_studies=args.max,
+                    practice=True if args.practice else None,
+                    no_push=True if args.no_push else None,
+                )
+            except RunStopped as exc:  # a PACS is down or silent: nothing was written back
+                print(f"run stopped: {exc}; run-once again (or the daemon) resumes it")
+                return "stopped"
             if result is None:
                 print("nothing to do: no approved study is waiting")
                 return "done"

@@ -38,6 +38,7 @@ from anonpipe.hooks import Hook, HookError, run_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import Arrival, LandingRegistry
 from anonpipe.scu import (
+    Cause,
     MisrouteError,
     MisrouteGuard,
     PeerUnavailable,
@@ -48,7 +49,7 @@ from anonpipe.scu import (
     verify_studies,
 )
 
-__all__ = ["Pipeline", "RunStopped", "execute_run"]
+__all__ = ["PeerOutage", "Pipeline", "RunStopped", "execute_run"]
 
 log = get_logger(__name__)
 
@@ -61,6 +62,16 @@ _REPORTED = ("never found", "every file was quarantined", "push failed", "verifi
 
 class RunStopped(Exception):
     """The run stopped between steps because of a pause or shutdown; it resumes later."""
+
+
+class PeerOutage(RunStopped):
+    """A PACS the run needs is down or silent (an outage, not a refusal): the run stops where
+    it is, nothing is written back, and it resumes when the PACS answers again."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"waiting for the {peer} PACS: {reason}")
+        self.peer = peer
+        self.reason = reason
 
 
 @dataclass
@@ -128,8 +139,8 @@ async def execute_run(
             await _push(p, run, rdir)
             await _write_back(p, run, rdir)
         await _finish(p, run, rdir)
-    except RunStopped:
-        await _advance(p, run.name, "stopped")
+    except RunStopped as exc:
+        await _advance(p, run.name, "stopped", str(exc) or None)
         raise
     except MisrouteError as exc:
         await _advance(p, run.name, "failed", f"misroute: {exc}")
@@ -302,6 +313,9 @@ async def _pull_one(
             stop=p.shutting_down,
         )
     except (PeerUnavailable, QueryFailed) as exc:
+        if exc.cause is Cause.OUTAGE:  # left "pulling": pulled when the PACS answers again
+            rdir.append("pull_output.txt", f"{study.review_id}\twaiting: {exc}")
+            raise PeerOutage("staging", str(exc)) from exc
         rdir.append("pull_output.txt", f"{study.review_id}\tnot pulled: {exc}")
         await p.store.update_study(
             run.name, study.review_id, state="failed", reason=f"staging PACS unavailable: {exc}"
@@ -475,6 +489,15 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         if report.stopped:
             # Left "pushing": the resumed run asks the research PACS what it holds and goes on.
             raise RunStopped
+        if report.failed and all(f.cause is Cause.OUTAGE for f in report.failed):
+            # Nothing was refused: research is down or silent. Left "pushing", not written back.
+            why = Counter(f.error for f in report.failed).most_common(1)[0][0]
+            rdir.append(
+                "push_output.txt",
+                f"{study.cleaned_study_uid}\twaiting\t{len(report.failed)} of {len(files)} "
+                f"files not stored yet: {why}",
+            )
+            raise PeerOutage("research", why)
         for failure in report.failed:
             rdir.append(
                 "push_output.txt",
@@ -492,6 +515,8 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
             settings.research,
             {study.cleaned_study_uid: len(files)},
         )
+        if check.cause is Cause.OUTAGE:
+            raise PeerOutage("research", check.error)
         if report.failed:
             state = "failed"
             why = Counter(f.error for f in report.failed).most_common(1)[0][0]

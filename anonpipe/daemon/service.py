@@ -21,7 +21,7 @@ from anonpipe.daemon.lock import DataDirLock
 from anonpipe.daemon.notify import Notifier
 from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
-from anonpipe.daemon.runner import Pipeline, RunStopped, execute_run
+from anonpipe.daemon.runner import PeerOutage, Pipeline, RunStopped, execute_run
 from anonpipe.daemon.state import RunRecord, StateStore
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
@@ -215,6 +215,13 @@ class Service:
         self.waiting = None
         try:
             await execute_run(self.pipeline, run)
+        except PeerOutage as exc:
+            # Down from the first failed association, not only at the next C-ECHO.
+            if exc.peer in self.peers:
+                self.peers[exc.peer] = {**self.peers[exc.peer], "ok": False, "error": exc.reason}
+            every = self.settings.review.poll_interval
+            self.waiting = f"waiting: {exc} (trying again every {every:g} s)"
+            log.warning("run waits for a PACS", peer=exc.peer, reason=exc.reason)
         except RunStopped:
             log.info("run stopped; it resumes later")
         except MisrouteError:

@@ -5,6 +5,7 @@ the SCP's :class:`~anonpipe.scp.LandingRegistry`, its only link to :mod:`anonpip
 """
 
 from anonpipe.scu.association import (
+    Cause,
     PeerUnavailable,
     associate,
     describe,
@@ -25,6 +26,7 @@ from anonpipe.scu.store import (
 )
 
 __all__ = [
+    "Cause",
     "EchoResult",
     "FileResult",
     "MisrouteError",

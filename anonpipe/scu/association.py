@@ -18,9 +18,11 @@ waits on a silent peer.
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -30,19 +32,48 @@ from pynetdicom.presentation import PresentationContext
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import Endpoint, set_nodelay
 
-__all__ = ["PeerUnavailable", "associate", "describe", "end_open_associations", "ended"]
+__all__ = [
+    "Cause",
+    "Ending",
+    "PeerUnavailable",
+    "associate",
+    "describe",
+    "end_open_associations",
+    "ended",
+]
 
 #: At most this many presentation contexts may be proposed in one association (PS3.8 9.3.2).
 MAX_CONTEXTS = 128
 
 
-class PeerUnavailable(ConnectionError):
-    """No association with the peer: refused, rejected, aborted or timed out."""
+class Cause(enum.Enum):
+    """Why an exchange with a peer failed, as the caller must act on it."""
 
-    def __init__(self, peer: Endpoint, reason: str) -> None:
+    #: The peer could not be reached or did not answer (down, silent, connection lost): wait
+    #: for it and try again; nothing about the data is wrong.
+    OUTAGE = "outage"
+    #: The peer answered no (association rejected or aborted, a failure status): report it.
+    REFUSAL = "refusal"
+    #: Our side ended it (the service stopping, a file we cannot read).
+    LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """Why an association ended under a request, and what kind of failure that is."""
+
+    reason: str
+    cause: Cause
+
+
+class PeerUnavailable(ConnectionError):
+    """No association with the peer: refused, rejected, aborted or timed out (``cause``)."""
+
+    def __init__(self, peer: Endpoint, reason: str, cause: Cause = Cause.OUTAGE) -> None:
         super().__init__(f"{describe(peer)}: {reason}")
         self.peer_ae = peer.ae_title
         self.reason = reason
+        self.cause = cause
 
 
 def describe(peer: Endpoint) -> str:
@@ -98,7 +129,7 @@ def associate(
         ],
     )
     if not assoc.is_established:
-        raise PeerUnavailable(peer, _failure_reason(assoc, peer, bool(connected)))
+        raise PeerUnavailable(peer, *_failure_reason(assoc, peer, bool(connected)))
     _return_stolen_responses(assoc)
     with _OPEN_LOCK:
         _OPEN.add(assoc)
@@ -123,17 +154,17 @@ _ENDED = "_anonpipe_ended"
 _RELEASING = "_anonpipe_releasing"
 
 
-def ended(assoc: Any) -> str | None:
+def ended(assoc: Any) -> Ending | None:
     """Why the association ended under a request (aborted, closed, stopped), or None."""
-    reason: str | None = getattr(assoc, _ENDED, None)
-    return reason
+    ending: Ending | None = getattr(assoc, _ENDED, None)
+    return ending
 
 
-def _end(assoc: Any, reason: str) -> None:
+def _end(assoc: Any, reason: str, cause: Cause) -> None:
     """Record the first reason and wake a request waiting for its response (it then gets
     none, at once, instead of after the DIMSE timeout)."""
     if getattr(assoc, _ENDED, None) is None:
-        setattr(assoc, _ENDED, reason)
+        setattr(assoc, _ENDED, Ending(reason, cause))
     assoc.dimse.msg_queue.put((None, None))
 
 
@@ -148,12 +179,12 @@ def _on_pdu(event: Any) -> None:
             why = "aborted by the peer's application"
         else:
             why = f"aborted by the peer's DICOM stack ({pdu.reason_str})"
-        _end(event.assoc, why)
+        _end(event.assoc, why, Cause.REFUSAL)
 
 
 def _on_close(event: Any) -> None:
     if not getattr(event.assoc, _RELEASING, False):
-        _end(event.assoc, "the peer closed the connection")
+        _end(event.assoc, "the peer closed the connection", Cause.OUTAGE)
 
 
 def end_open_associations(reason: str) -> int:
@@ -165,7 +196,7 @@ def end_open_associations(reason: str) -> int:
     with _OPEN_LOCK:
         open_now = list(_OPEN)
     for assoc in open_now:
-        _end(assoc, reason)
+        _end(assoc, reason, Cause.LOCAL)
     return len(open_now)
 
 
@@ -190,21 +221,33 @@ def _return_stolen_responses(assoc: Any) -> None:
     assoc._serve_request = serve_request
 
 
-def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> str:
+def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> tuple[str, Cause]:
     if not connected:
         return (
             f"no connection (refused, or no answer within {peer.connect_timeout:g} s); "
-            "is the PACS running and its host and port right?"
+            "is the PACS running and its host and port right?",
+            Cause.OUTAGE,
         )
     if assoc.is_rejected:
         primitive = getattr(assoc.acceptor, "primitive", None)
         if primitive is not None:
+            # A transient rejection (e.g. its association limit) is the peer being busy.
+            cause = Cause.OUTAGE if primitive.result == _REJECTED_TRANSIENT else Cause.REFUSAL
             return (
                 f"association rejected ({primitive.result_str}, {primitive.source_str}: "
-                f"{primitive.reason_str}); check that it knows our AE title"
+                f"{primitive.reason_str}); check that it knows our AE title",
+                cause,
             )
-        return "association rejected; check that it knows our AE title"
+        return "association rejected; check that it knows our AE title", Cause.REFUSAL
     if assoc.is_aborted:
-        why = ended(assoc) or "association aborted by the peer"
-        return f"{why}; no presentation context accepted, or our AE title not allowed there?"
-    return f"no association response within {assoc.acse_timeout:g} s"
+        ending = ended(assoc)
+        why = ending.reason if ending else "association aborted by the peer"
+        return (
+            f"{why}; no presentation context accepted, or our AE title not allowed there?",
+            Cause.REFUSAL,
+        )
+    return f"no association response within {assoc.acse_timeout:g} s", Cause.OUTAGE
+
+
+#: A-ASSOCIATE-RJ result "rejected-transient".
+_REJECTED_TRANSIENT = 0x02

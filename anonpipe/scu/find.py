@@ -16,7 +16,7 @@ from pynetdicom.presentation import build_context
 
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import STUDY_ROOT_FIND, Endpoint, is_valid_uid, status_category
-from anonpipe.scu.association import associate, describe
+from anonpipe.scu.association import Cause, associate, describe
 
 __all__ = ["QueryFailed", "StudyCount", "count_study", "list_instances"]
 
@@ -24,7 +24,12 @@ _MODEL = STUDY_ROOT_FIND
 
 
 class QueryFailed(RuntimeError):
-    """The peer answered the C-FIND with a failure, or stopped answering."""
+    """The peer answered the C-FIND with a failure (a refusal), or stopped answering (an
+    outage): ``cause``."""
+
+    def __init__(self, message: str, cause: Cause) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +95,16 @@ def _find(local: LocalSettings, peer: Endpoint, query: Dataset) -> Iterator[Data
     for status, identifier in responses:
         code = status.get("Status") if status else None
         if code is None:
-            raise QueryFailed(f"{describe(peer)}: C-FIND got no response (timeout or abort)")
+            raise QueryFailed(
+                f"{describe(peer)}: C-FIND got no response (timeout or abort)", Cause.OUTAGE
+            )
         category = status_category(int(code))
         if category == "pending" and identifier is not None:
             yield identifier
         elif category not in ("success", "pending"):
-            raise QueryFailed(f"{describe(peer)}: C-FIND answered status 0x{int(code):04X}")
+            raise QueryFailed(
+                f"{describe(peer)}: C-FIND answered status 0x{int(code):04X}", Cause.REFUSAL
+            )
 
 
 def _as_int(value: Any) -> int | None:

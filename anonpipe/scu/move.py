@@ -244,7 +244,8 @@ def pull_study(
                 code = status.get("Status") if status else None
                 if code is None:  # no final response: the peer aborted, timed out, or we stop
                     stopped = stop is not None and stop.is_set()
-                    counters.ended = ended(assoc)
+                    ending = ended(assoc)
+                    counters.ended = ending.reason if ending else None
                     break
                 counters.update(status)
                 if status_category(int(code)) != "pending":

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -25,7 +25,15 @@ from anonpipe.config import LocalSettings, ResearchSettings
 from anonpipe.dimse import Status, configure_transfer, status_category
 from anonpipe.headers import read_header, text_value
 from anonpipe.logs import get_logger
-from anonpipe.scu.association import MAX_CONTEXTS, PeerUnavailable, associate, describe, ended
+from anonpipe.scu.association import (
+    MAX_CONTEXTS,
+    Cause,
+    Ending,
+    PeerUnavailable,
+    associate,
+    describe,
+    ended,
+)
 from anonpipe.scu.find import QueryFailed, count_study
 
 __all__ = [
@@ -73,6 +81,8 @@ class FileResult:
     study_uid: str = ""
     sop_instance_uid: str = ""
     error: str = ""
+    #: Of a failure: an outage (wait for the peer), a refusal (report it) or our side.
+    cause: Cause | None = None
 
     @property
     def stored(self) -> bool:
@@ -113,6 +123,8 @@ class StudyVerification:
     expected: int
     found: int | None
     error: str = ""
+    #: Of a failed C-FIND: an outage or a refusal.
+    cause: Cause | None = None
 
     @property
     def ok(self) -> bool:
@@ -203,7 +215,7 @@ def push_files(
         try:
             pending.append(read_item(path))
         except ValueError as exc:
-            results[path] = FileResult(path, "failed", None, 0, error=str(exc))
+            results[path] = FileResult(path, "failed", None, 0, error=str(exc), cause=Cause.LOCAL)
 
     attempts: dict[Path, int] = {}
     stopped = False
@@ -221,12 +233,19 @@ def push_files(
             sleep(delay)
         outcomes = _send_round(local, research, pending, associations, stop, on_stored)
         retry: list[PushItem] = []
-        for item, status, error, transient in outcomes:
+        for item, status, error, transient, cause in outcomes:
             if error == NOT_SENT_STOPPED:
                 stopped = True
                 if item.path not in results:
                     results[item.path] = FileResult(
-                        item.path, "failed", None, 0, item.study_uid, item.sop_instance_uid, error
+                        item.path,
+                        "failed",
+                        None,
+                        0,
+                        item.study_uid,
+                        item.sop_instance_uid,
+                        error,
+                        Cause.LOCAL,
                     )
                 continue
             attempts[item.path] = attempts.get(item.path, 0) + 1
@@ -239,6 +258,7 @@ def push_files(
                 item.study_uid,
                 item.sop_instance_uid,
                 error,
+                cause if outcome == "failed" else None,
             )
             results[item.path] = result
             if outcome == "failed" and transient:
@@ -273,7 +293,7 @@ def verify_studies(
         try:
             found = count_study(local, research, study_uid)
         except (PeerUnavailable, QueryFailed) as exc:
-            checks.append(StudyVerification(study_uid, count, None, str(exc)))
+            checks.append(StudyVerification(study_uid, count, None, str(exc), exc.cause))
             continue
         checks.append(StudyVerification(study_uid, count, 0 if found is None else found.instances))
     bad = [c for c in checks if not c.ok]
@@ -285,8 +305,22 @@ def verify_studies(
 
 # -- sending ----------------------------------------------------------------------------------
 
-#: (item, status or None when nothing answered, error text, worth retrying)
-_Outcome = tuple[PushItem, int | None, str, bool]
+
+class _Outcome(NamedTuple):
+    """One attempt at one file."""
+
+    item: PushItem
+    status: int | None  # None when nothing answered
+    error: str
+    retry: bool  # worth another attempt
+    cause: Cause | None  # of a failure
+
+
+def _ended(item: PushItem, ending: Ending | None) -> _Outcome:
+    """The outcome of a file whose association ended under it (or was found lost)."""
+    if ending is None:
+        return _Outcome(item, None, "association lost", True, Cause.OUTAGE)
+    return _Outcome(item, None, ending.reason, ending.cause is not Cause.LOCAL, ending.cause)
 
 
 def _send_round(
@@ -318,19 +352,17 @@ def _send_share(
     outcomes: list[_Outcome] = []
     for batch, contexts in _batches(items):
         if stop.is_set():
-            outcomes.extend((item, None, NOT_SENT_STOPPED, False) for item in batch)
+            outcomes.extend(_stopped(item) for item in batch)
             continue
         try:
             with associate(local, research, contexts) as assoc:
                 for index, item in enumerate(batch):
                     if stop.is_set():
                         rest = batch[index:]
-                        outcomes.extend((item, None, NOT_SENT_STOPPED, False) for item in rest)
+                        outcomes.extend(_stopped(item) for item in rest)
                         break
                     if not assoc.is_established or ended(assoc):
-                        lost = batch[index:]
-                        why = ended(assoc) or "association lost"
-                        outcomes.extend((rest, None, why, True) for rest in lost)
+                        outcomes.extend(_ended(rest, ended(assoc)) for rest in batch[index:])
                         break
                     outcome = _send_one(assoc, item)
                     outcomes.append(outcome)
@@ -339,9 +371,15 @@ def _send_share(
         except PeerUnavailable as exc:
             sent = {id(o[0]) for o in outcomes}
             outcomes.extend(
-                (item, None, exc.reason, True) for item in batch if id(item) not in sent
+                _Outcome(item, None, exc.reason, True, exc.cause)
+                for item in batch
+                if id(item) not in sent
             )
     return outcomes
+
+
+def _stopped(item: PushItem) -> _Outcome:
+    return _Outcome(item, None, NOT_SENT_STOPPED, False, Cause.LOCAL)
 
 
 def _send_one(assoc: Any, item: PushItem) -> _Outcome:
@@ -349,19 +387,24 @@ def _send_one(assoc: Any, item: PushItem) -> _Outcome:
         answer = assoc.send_c_store(item.path)
     except ValueError:
         error = f"the peer accepts this SOP class in no context with syntax {item.transfer_syntax}"
-        return item, None, error, False
+        return _Outcome(item, None, error, False, Cause.REFUSAL)
     except RuntimeError:  # pynetdicom: the association is no longer established
-        return item, None, ended(assoc) or "association lost", True
+        return _ended(item, ended(assoc))
     except (OSError, AttributeError) as exc:
-        return item, None, f"cannot send the file ({type(exc).__name__})", True
+        error = f"cannot send the file ({type(exc).__name__})"
+        return _Outcome(item, None, error, True, Cause.LOCAL)
     status = answer.get("Status") if answer else None
     if status is None:
-        why = ended(assoc) or f"no C-STORE response within {assoc.dimse_timeout:g} s"
-        return item, None, why, True
+        if ended(assoc) is not None:
+            return _ended(item, ended(assoc))
+        error = f"no C-STORE response within {assoc.dimse_timeout:g} s"
+        return _Outcome(item, None, error, True, Cause.OUTAGE)
     code = int(status)
     if status_category(code) in ("success", "warning"):
-        return item, code, "", False
-    return item, code, f"status 0x{code:04X}", _transient(code)
+        return _Outcome(item, code, "", False, None)
+    # A transient failure status (out of resources) is the peer's condition: wait it out.
+    cause = Cause.OUTAGE if _transient(code) else Cause.REFUSAL
+    return _Outcome(item, code, f"status 0x{code:04X}", _transient(code), cause)
 
 
 def _batches(items: list[PushItem]) -> list[tuple[list[PushItem], list[PresentationContext]]]:

@@ -85,17 +85,27 @@ def test_failed_run_resumes_with_restart_run(site: Site) -> None:
     assert run.read_lines("post_anon_output.txt")  # rewritten by the working hook
 
 
-def test_research_down_is_retried_then_written_back_as_failed(site: Site) -> None:
+def test_research_down_is_waited_out_not_written_back(site: Site) -> None:
+    """An outage is not a refusal: with research down the run stops after the push's retries
+    (exit 1), nothing is written back, and the same run completes once research is back."""
     site.research.stop()
-    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 1
     for uid in site.approved_uids:
         row = site.review.find_study(uid)
-        assert not row.image_published and row.processing_error
-        assert (row.processing_error_msg or "").startswith("push failed after retries")
+        assert not row.image_published and not row.processing_error
     (run,) = RunDir.list(site.data_dir)
     push = "\n".join(run.read_lines("push_output.txt"))
-    assert "no connection" in push
-    assert run.read_lines("overview.txt")[-1] == "0 studies marked as pushed"
+    assert "waiting" in push and "no connection" in push
+    assert not run.has("done.txt")
+    site.research.start(same_ports=True)
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    assert RunDir.list(site.data_dir) == [run]  # the same run, resumed
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert row.image_published and not row.processing_error
+    assert len(site.research.instances()) == site.expected_instances()
+    overview = run.read_lines("overview.txt")
+    assert len(overview) == len(set(overview))  # every line once
 
 
 def test_a_research_pacs_that_aborts_our_stores_is_answered_in_seconds(site: Site) -> None:
