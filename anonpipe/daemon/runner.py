@@ -325,6 +325,10 @@ async def _pull_one(
     if result.status == "stopped":
         # Left "pulling": the resumed run pulls the study again over what already landed.
         raise RunStopped
+    if result.outage:
+        # The staging PACS went away in the middle of the move: left "pulling" as well.
+        rdir.append("pull_output.txt", f"{study.review_id}\twaiting: {result.detail}")
+        raise PeerOutage("staging", result.detail)
     for path in sorted(landing_dir.iterdir()):
         submit(path)
     outcomes = await workers.outcomes(dict(submitted))  # late arrival callbacks add nothing new

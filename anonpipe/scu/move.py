@@ -28,7 +28,7 @@ from anonpipe.dimse import STUDY_ROOT_MOVE, Endpoint, Status, status_category
 from anonpipe.durable import fsync_path
 from anonpipe.logs import get_logger
 from anonpipe.scp.landing import ArrivalHandler, LandingRegistry
-from anonpipe.scu.association import associate, describe, ended
+from anonpipe.scu.association import Cause, associate, describe, ended
 from anonpipe.scu.find import count_study
 
 __all__ = ["MisrouteError", "MisrouteGuard", "PullBlocked", "PullResult", "pull_study"]
@@ -124,6 +124,9 @@ class PullResult:
     move_status: int | None
     seconds: float
     detail: str = ""
+    #: Of an ``incomplete`` pull: the staging PACS went away or silent before its final
+    #: response (an outage: pull again when it answers), rather than answering with a failure.
+    outage: bool = False
 
     @property
     def complete(self) -> bool:
@@ -142,6 +145,8 @@ class _Counters:
     final: int | None = None
     #: Why the move ended without a final response (aborted, closed, stopped), when known.
     ended: str | None = None
+    #: Whether that end was an outage (connection lost, no answer) rather than a refusal.
+    outage: bool = False
     #: Associations or connections our SCP rejected during the move, by reason.
     our_rejections: dict[str, int] = field(default_factory=dict)
 
@@ -246,6 +251,7 @@ def pull_study(
                     stopped = stop is not None and stop.is_set()
                     ending = ended(assoc)
                     counters.ended = ending.reason if ending else None
+                    counters.outage = ending is None or ending.cause is Cause.OUTAGE
                     break
                 counters.update(status)
                 if status_category(int(code)) != "pending":
@@ -352,4 +358,5 @@ def _judge(
         final,
         time.monotonic() - start,
         detail,
+        outage=status == "incomplete" and final is None and counters.outage,
     )

@@ -29,7 +29,7 @@ from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import Site, StudyPlan, build_site
 from tests.harness.mutants import DEEP_NESTING_KINDS, mutate
-from tests.harness.orthanc import OrthancFactory
+from tests.harness.orthanc import OrthancFactory, OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, SOP_CLASS_BY_MODALITY
 
@@ -634,3 +634,51 @@ def test_sigterm_during_a_push_to_a_silent_peer_stops_within_10_s(
     finally:
         release.set()
         server.shutdown()
+
+
+def _outage_then_back(
+    site: Site, sockets: Path, moment: Callable[[Site], bool], pacs: OrthancServer, what: str
+) -> None:
+    """Stop *pacs* at *moment* of a daemon run, see the run wait for it, start it again: the
+    run then ends exactly as an uninterrupted one."""
+    daemon = Daemon(site, sockets)
+    try:
+        daemon.wait_for(lambda: moment(site), what=what, timeout=180)
+        pacs.stop(timeout=0)  # gone at once, as a crash or a cut cable
+        daemon.wait_for(lambda: _run_state(site) == "stopped", what="the run to wait", timeout=60)
+        status = ctl.request(site.socket_path, "status", {})
+        assert status["state"].startswith("waiting: waiting for the"), status["state"]
+        failed = _state(site, "SELECT reason FROM studies WHERE state = 'failed'")
+        assert all("never found" in str(r) for (r,) in failed), failed  # none for the outage
+        pacs.start(same_ports=True)
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to resume", timeout=180)
+    finally:
+        assert daemon.terminate() == 0
+    _assert_same_as_uninterrupted(site)
+
+
+#: Large studies: a push or pull lasts long enough to lose its PACS in the middle.
+_LONG = StudyPlan(approved=2, approved_with_protocol=1, instances_per_series=150, size=(32, 32))
+
+
+def test_research_stopped_during_the_push_is_waited_for(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, _LONG)
+
+    def pushing(site: Site) -> bool:
+        return _studies_in(site, "pushing") == 1 and len(site.research.instances()) >= 1
+
+    _outage_then_back(site, short_dir, pushing, site.research, "the push")
+
+
+def test_staging_stopped_during_a_pull_is_waited_for(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, _LONG)
+
+    def pulling(site: Site) -> bool:
+        run = _run_dir(site)
+        return run is not None and 5 <= _files(run / "from_staging") <= 100
+
+    _outage_then_back(site, short_dir, pulling, site.staging, "the first pull")
