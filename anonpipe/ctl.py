@@ -156,6 +156,15 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("")
         lines.append("held back (reviews conflict):")
         lines += [f"  study {h.get('study')}: {h.get('reason')}" for h in held]
+    deferred = status.get("deferred") or []
+    if deferred:
+        lines.append("")
+        lines.append("deferred (failed again; tried later):")
+        lines += [
+            f"  study {d.get('study')}: next try {d.get('next_try')} after {d.get('failures')} "
+            f"failures ({d.get('reason')})"
+            for d in deferred
+        ]
     errors = status.get("errors") or []
     if errors:
         lines.append("")

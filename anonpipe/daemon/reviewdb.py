@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -227,13 +227,15 @@ class ReviewDatabase:
         async with self._connect(readonly=True) as conn:
             await self._verify(conn)
 
-    async def select(self, limit: int) -> Selection:
+    async def select(self, limit: int, exclude: Collection[int] = ()) -> Selection:
         """The approved studies to process next, and those held for conflicting reviews.
 
         Parameters
         ----------
         limit : int
             At most this many studies are picked (held studies do not count); >= 0.
+        exclude : collection of int
+            Study ids not to pick now (waiting out their back-off); they do not count either.
 
         Returns
         -------
@@ -276,7 +278,7 @@ class ReviewDatabase:
                 if self._warned_held.get(candidate.id) != reason:  # once per study and reason
                     self._warned_held[candidate.id] = reason
                     _log.warning("review_study_held", row_id=candidate.id, reason=reason)
-            elif len(picked) < limit:
+            elif len(picked) < limit and candidate.id not in exclude:
                 picked.append(candidate)
         if picked:
             _log.info("review_selection", picked=len(picked), held=len(held), limit=limit)

@@ -93,6 +93,8 @@ class Pipeline:
     current: str | None = None
     #: Studies held back at the last selection (review id and reason), for status.
     held: list[dict[str, object]] = field(default_factory=list)
+    #: Studies waiting out their back-off at the last selection (review id, next try, reason).
+    deferred: list[dict[str, object]] = field(default_factory=list)
     #: Files in the research PACS so far, per study being pushed (review id), for status.
     pushing: dict[int, int] = field(default_factory=dict)
     #: Told every run state change (the service sends it to systemd as STATUS=).
@@ -174,8 +176,13 @@ def failure_text(exc: BaseException) -> str:
 
 
 async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> RunRecord | None:
-    selection = await p.review.select(limit)
+    waiting = await p.store.deferred()
+    selection = await p.review.select(limit, exclude={d.review_id for d in waiting})
     p.held = [{"study": h.candidate.id, "reason": h.reason} for h in selection.held]
+    p.deferred = [
+        {"study": d.review_id, "next_try": d.next_try, "failures": d.failures, "reason": d.reason}
+        for d in waiting
+    ]
     if not selection.picked:
         return None
     rdir = RunDir.create(p.settings.pipeline.data_dir)
@@ -588,7 +595,36 @@ async def _write_back(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
     _overview_once(rdir, audit.pushed(published))
 
 
+#: Back-off of a study that fails again for a reason that repeats (not written back): first
+#: wait, doubling, and the longest.
+BACKOFF_FIRST = 60.0
+BACKOFF_LONGEST = 6 * 3600.0
+
+
+async def _back_off(p: Pipeline, run: RunRecord) -> None:
+    """Studies that failed for a reason not written back wait before they are picked again
+    (a new run every poll interval was the result); the others start afresh."""
+    if run.practice:
+        return
+    first = max(BACKOFF_FIRST, p.settings.review.poll_interval)
+    for study in await p.store.studies(run.name):
+        if study.state == "failed":
+            wait = await p.store.defer(
+                study.review_id, study.reason or "failed", first, BACKOFF_LONGEST
+            )
+            log.warning(
+                "study deferred",
+                run=run.name,
+                study=study.review_id,
+                failures=wait.failures,
+                next_try=wait.next_try,
+            )
+        elif study.state in ("published", "failed-reported"):
+            await p.store.clear_backoff(study.review_id)
+
+
 async def _finish(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
+    await _back_off(p, run)
     rdir.finish(f"Finished at {datetime.now():%Y-%m-%d %H:%M}")
     practice_db = rdir.path / ".practice-identity.db"
     for leftover in (practice_db, Path(f"{practice_db}-wal"), Path(f"{practice_db}-shm")):

@@ -286,6 +286,7 @@ class Service:
             else {"name": latest.name, "state": latest.state, "error": latest.error},
             "studies": studies,
             "held": list(self.pipeline.held if self.pipeline else []),
+            "deferred": list(self.pipeline.deferred if self.pipeline else []),
             "scp": asdict(self.scp.status()),
             "peers": self.peers,
             "errors": list(self.pipeline.errors if self.pipeline else []),

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-__all__ = ["FileRecord", "RunRecord", "StateStore", "StudyRecord"]
+__all__ = ["Deferred", "FileRecord", "RunRecord", "StateStore", "StudyRecord"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS files (
     series_uid TEXT,
     pushed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run, review_id, name)
+);
+CREATE TABLE IF NOT EXISTS backoff (
+    review_id INTEGER PRIMARY KEY,
+    failures INTEGER NOT NULL,
+    next_try TEXT NOT NULL,
+    reason TEXT NOT NULL
 );
 """
 
@@ -141,6 +147,17 @@ class FileRecord:
     sop_class: str | None
     series_uid: str | None
     pushed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A study that failed again and again for a reason that repeats: not picked before
+    ``next_try`` (UTC, ISO 8601). ``reason`` is the last one (no PHI)."""
+
+    review_id: int
+    failures: int
+    next_try: str
+    reason: str
 
 
 class StateStore:
@@ -294,6 +311,37 @@ class StateStore:
         async with self.db.execute(sql + " ORDER BY review_id, name", params) as cursor:
             rows = await cursor.fetchall()
         return [_file(row) for row in rows]
+
+    # -- back-off ----------------------------------------------------------------------------
+
+    async def defer(self, review_id: int, reason: str, base: float, cap: float) -> Deferred:
+        """Count one more failure of *review_id* and set when it is tried next: *base* seconds
+        after the first failure, doubling each time, at most *cap*."""
+        async with self.db.execute(
+            "SELECT failures FROM backoff WHERE review_id = ?", (review_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        failures = (row["failures"] if row else 0) + 1
+        wait = min(base * 2 ** (failures - 1), cap)
+        next_try = (datetime.now(UTC) + timedelta(seconds=wait)).isoformat(timespec="seconds")
+        await self._write(
+            "INSERT OR REPLACE INTO backoff (review_id, failures, next_try, reason) "
+            "VALUES (?,?,?,?)",
+            (review_id, failures, next_try, reason),
+        )
+        return Deferred(review_id, failures, next_try, reason)
+
+    async def clear_backoff(self, review_id: int) -> None:
+        await self._write("DELETE FROM backoff WHERE review_id = ?", (review_id,))
+
+    async def deferred(self) -> list[Deferred]:
+        """The studies whose next try is still to come, by id."""
+        now = _now()
+        async with self.db.execute(
+            "SELECT * FROM backoff WHERE next_try > ? ORDER BY review_id", (now,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [Deferred(r["review_id"], r["failures"], r["next_try"], r["reason"]) for r in rows]
 
     async def mark_pushed(self, run: str, review_id: int, names: Iterable[str]) -> None:
         await self.db.executemany(

@@ -682,3 +682,30 @@ def test_staging_stopped_during_a_pull_is_waited_for(
         return run is not None and 5 <= _files(run / "from_staging") <= 100
 
     _outage_then_back(site, short_dir, pulling, site.staging, "the first pull")
+
+
+def test_a_study_that_fails_again_is_backed_off_not_retried_every_poll(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
+) -> None:
+    """The staging PACS cannot deliver (its entry for our AE title points nowhere): the study
+    fails, is not written back, and waits a growing interval instead of a new run every poll
+    (2 s here); status says when it is tried next."""
+    plan = StudyPlan(approved=1, approved_with_protocol=0, rejected_phi=0, conflicting=0)
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, plan)
+    site.staging.add_modality("anonpipe", "ANONPIPE", LOOPBACK, free_port())  # nobody there
+    daemon = Daemon(site, short_dir)
+    try:
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the first run")
+        time.sleep(8)  # four poll intervals
+        runs = RunDir.list(site.data_dir)
+        status = ctl.request(site.socket_path, "status", {})
+        text = ctl.format_status(status)
+    finally:
+        assert daemon.terminate() == 0
+    assert len(runs) == 1, [r.name for r in runs]
+    (deferred,) = status["deferred"]
+    assert deferred["study"] == site.review.find_study(site.approved_uids[0]).id
+    assert deferred["failures"] == 1 and "undeliverable" in deferred["reason"]
+    assert "deferred (failed again; tried later)" in text and "next try" in text
+    row = site.review.find_study(site.approved_uids[0])
+    assert not row.processing_error and not row.image_published
