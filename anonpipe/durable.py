@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["fsync_path", "move_file", "sync_filesystem"]
+__all__ = ["free_bytes", "fsync_path", "move_file", "sync_filesystem"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -84,3 +84,9 @@ def move_file(source: Path, dest: Path, *, flush: bool = True) -> None:
         return
     if flush:
         fsync_path(dest.parent)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem holding *path*."""
+    fs = os.statvfs(path)
+    return fs.f_bavail * fs.f_frsize

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from anonpipe import durable
 from anonpipe.anon.batch import EngineSpec, engine_spec
 from anonpipe.anon.deidentify import Outcome
 from anonpipe.anon.duplicates import Duplicates
@@ -49,7 +50,7 @@ from anonpipe.scu import (
     verify_studies,
 )
 
-__all__ = ["PeerOutage", "Pipeline", "RunStopped", "execute_run"]
+__all__ = ["DiskLow", "PeerOutage", "Pipeline", "RunStopped", "execute_run"]
 
 log = get_logger(__name__)
 
@@ -62,6 +63,11 @@ _REPORTED = ("never found", "every file was quarantined", "push failed", "verifi
 
 class RunStopped(Exception):
     """The run stopped between steps because of a pause or shutdown; it resumes later."""
+
+
+class DiskLow(RunStopped):
+    """The data folder's filesystem is below ``[local] min_free_mb``, or a file could not be
+    written: the run stops where it is and resumes once there is room (nothing is failed)."""
 
 
 class PeerOutage(RunStopped):
@@ -283,6 +289,17 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
         _overview_once(rdir, audit.not_pulled(len(not_pulled)))
 
 
+def _check_space(p: Pipeline, rdir: RunDir) -> None:
+    """Raise :class:`DiskLow` when the run's filesystem is below the free-space floor."""
+    floor = p.settings.local.min_free_mb
+    free = durable.free_bytes(rdir.path)
+    if floor and free < floor * 2**20:
+        raise DiskLow(
+            f"waiting for disk space: {free // 2**20} MB free where the runs are, below"
+            f" [local] min_free_mb = {floor}"
+        )
+
+
 async def _pull_one(
     p: Pipeline,
     run: RunRecord,
@@ -291,6 +308,7 @@ async def _pull_one(
     workers: DeidWorkers,
     duplicates: Duplicates,
 ) -> None:
+    _check_space(p, rdir)
     loop = asyncio.get_running_loop()
     await p.store.update_study(run.name, study.review_id, state="pulling")
     landing_dir = rdir.from_staging / str(study.review_id)
@@ -340,6 +358,13 @@ async def _pull_one(
         submit(path)
     outcomes = await workers.outcomes(dict(submitted))  # late arrival callbacks add nothing new
     outcomes = [duplicates.judge(o) for o in outcomes]
+    unwritten = [o for o in outcomes if o.status == "error"]
+    if unwritten:
+        # Our side (disk full, permissions), never the file's fault: left "pulling", redone.
+        raise DiskLow(
+            f"{len(unwritten)} files could not be written ({unwritten[0].detail}); the run"
+            " resumes where it stopped"
+        )
     await asyncio.to_thread(sync_filesystem, rdir.path)
     records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(run.name, records)
@@ -471,6 +496,7 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
             continue
         if p.should_stop():
             raise RunStopped
+        _check_space(p, rdir)
         await p.store.update_study(run.name, study.review_id, state="pushing")
         files = [f for f in await p.store.files(run.name, study.review_id) if f.status == "clean"]
         try:

@@ -21,7 +21,13 @@ from anonpipe.daemon.lock import DataDirLock
 from anonpipe.daemon.notify import Notifier
 from anonpipe.daemon.reviewdb import ReviewDatabase
 from anonpipe.daemon.rundir import RunDir
-from anonpipe.daemon.runner import PeerOutage, Pipeline, RunStopped, execute_run
+from anonpipe.daemon.runner import (
+    PeerOutage,
+    Pipeline,
+    RunStopped,
+    execute_run,
+    failure_text,
+)
 from anonpipe.daemon.state import RunRecord, StateStore
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
@@ -222,8 +228,15 @@ class Service:
             every = self.settings.review.poll_interval
             self.waiting = f"waiting: {exc} (trying again every {every:g} s)"
             log.warning("run waits for a PACS", peer=exc.peer, reason=exc.reason)
-        except RunStopped:
-            log.info("run stopped; it resumes later")
+        except RunStopped as exc:
+            if str(exc):  # stopped for a reason (disk space), not by a pause or shutdown
+                self.waiting = f"waiting: {exc}"
+                log.warning("run waits", reason=str(exc))
+            else:
+                log.info("run stopped; it resumes later")
+        except Exception as exc:  # the state store itself failed (disk full): stay up, say so
+            self.waiting = f"waiting: the run could not be recorded: {failure_text(exc)}"
+            log.exception("run could not be recorded; trying again next cycle")
         except MisrouteError:
             self.paused = True
         finally:

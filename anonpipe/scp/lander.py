@@ -13,12 +13,11 @@ the response in one place.
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from anonpipe.dimse import Status, is_valid_uid
-from anonpipe.durable import move_file
+from anonpipe.durable import free_bytes, move_file
 from anonpipe.headers import read_header, text_value
 from anonpipe.scp.landing import Arrival, Landing, LandingRegistry, Tally
 
@@ -124,12 +123,8 @@ class Lander:
         if sop_uid != request.affected_sop_instance_uid.strip():
             raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request")
         size = request.temp_path.stat().st_size
-        if self.min_free_bytes:
-            fs = os.statvfs(landing.directory)
-            if fs.f_bavail * fs.f_frsize - size < self.min_free_bytes:
-                raise Refused(
-                    Status.OUT_OF_RESOURCES, "landing filesystem below its free-space floor"
-                )
+        if self.min_free_bytes and free_bytes(landing.directory) - size < self.min_free_bytes:
+            raise Refused(Status.OUT_OF_RESOURCES, "landing filesystem below its free-space floor")
         dest = landing.directory / f"{sop_uid}.dcm"
         move_file(request.temp_path, dest)  # fsynced file and folder before we answer
         return Arrival(

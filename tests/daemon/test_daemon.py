@@ -709,3 +709,49 @@ def test_a_study_that_fails_again_is_backed_off_not_retried_every_poll(
     assert "deferred (failed again; tried later)" in text and "next try" in text
     row = site.review.find_study(site.approved_uids[0])
     assert not row.processing_error and not row.image_published
+
+
+@pytest.fixture
+def small_data_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs as the site's data folder (needs root; skipped otherwise)."""
+    data = tmp_path / "site" / "data"
+    data.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_a_full_data_disk_is_a_state_the_run_waits_out(
+    orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path, small_data_disk: Path
+) -> None:
+    """Below the free-space floor the run stops where it is with the reason in status, the
+    daemon stays up, and the run completes once space returns; nothing is failed."""
+    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
+    text = site.config_path.read_text().replace("min_free_mb = 0", "min_free_mb = 16")
+    site.config_path.write_text(text)
+    filler = small_data_disk / "filler"
+    free = os.statvfs(small_data_disk).f_bavail * os.statvfs(small_data_disk).f_frsize
+    filler.write_bytes(bytes(free - 8 * 2**20))  # 8 MiB left, below the 16 MiB floor
+    daemon = Daemon(site, short_dir)
+    try:
+        daemon.wait_for(lambda: _run_state(site) == "stopped", what="the run to wait for space")
+        status = ctl.request(site.socket_path, "status", {})
+        assert "waiting for disk space" in status["state"], status["state"]
+        assert daemon.proc.poll() is None  # still up
+        failed = _state(site, "SELECT reason FROM studies WHERE state = 'failed'")
+        assert all("never found" in str(r) for (r,) in failed), failed  # nothing failed for it
+        filler.unlink()
+        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to complete")
+    finally:
+        assert daemon.terminate() == 0
+    assert len(site.research.instances()) == site.expected_instances()
+    for uid in site.approved_uids:
+        assert site.review.find_study(uid).image_published

@@ -253,10 +253,10 @@ class Source:
     """A generated file and the identity planted in it."""
 
     path: Path
-    data: bytes
+    data: bytes = field(repr=False)
     explicit: bool
-    patient_id: str
-    patient_name: str
+    patient_id: str = field(repr=False)
+    patient_name: str = field(repr=False)
 
 
 def _pad(value: bytes, pad: bytes = b" ") -> bytes:
@@ -451,9 +451,11 @@ def mutate(source: Source, operations: list[Operation]) -> tuple[bytes, list[str
 
 @dataclass(frozen=True)
 class Corpus:
+    """The generated files (with what was planted in them) and the module's folders."""
+
     root: Path
-    manifest: Manifest
-    sources: tuple[Source, ...]
+    manifest: Manifest = field(repr=False)
+    sources: tuple[Source, ...] = field(repr=False)
 
     @property
     def work(self) -> Path:
