@@ -25,6 +25,7 @@ those with a limit:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from collections import Counter
@@ -86,7 +87,7 @@ class ConnectionGuard:
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()
         self._waiting: dict[int, str] = {}  # connections without an association yet -> host
-        self._accepted: set[int] = set()
+        self._accepted: dict[int, Any] = {}
 
     # -- EVT_CONN_OPEN ------------------------------------------------------------------------
 
@@ -138,9 +139,15 @@ class ConnectionGuard:
         key = id(assoc)
         with self._lock:
             self._leave_pending(assoc)
-            if len(self._accepted) >= self.max_associations:
-                return False
-            self._accepted.add(key)
+            dead = self._prune()
+            admitted = len(self._accepted) < self.max_associations
+            if admitted:
+                self._accepted[key] = assoc
+        for gone in dead:  # outside the lock: closing triggers on_close
+            with contextlib.suppress(Exception):
+                gone.dul.socket.close()
+        if not admitted:
+            return False
         assoc.acse_timeout = acse_timeout
         self._read_timeout(assoc, self.read_timeout)
         return True
@@ -155,7 +162,16 @@ class ConnectionGuard:
     def on_close(self, event: Any) -> None:
         with self._lock:
             self._leave_pending(event.assoc)
-            self._accepted.discard(id(event.assoc))
+            self._accepted.pop(id(event.assoc), None)
+
+    def _prune(self) -> list[Any]:
+        """Forget accepted associations whose threads died without closing their connection
+        (pynetdicom's state machine can raise in its network thread on hostile PDUs, and then
+        no ``EVT_CONN_CLOSE`` comes): they must not hold a slot for good. Returns them."""
+        dead = [a for a in self._accepted.values() if not (a.is_alive() and a.dul.is_alive())]
+        for assoc in dead:
+            self._accepted.pop(id(assoc), None)
+        return dead
 
     def _leave_pending(self, assoc: Any) -> None:
         host = self._waiting.pop(id(assoc), None)
