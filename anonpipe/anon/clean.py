@@ -155,7 +155,7 @@ class Cleaner:
             if isinstance(item, RawDataElement):
                 fate = unread_fate(self.recipe.profile, int(tag), item.VR)
                 if fate == "copy":
-                    if _plausible_numbers(int(tag), item.VR, item.value):
+                    if _plausible(int(tag), item.VR, item.value):
                         out[tag] = item
                     continue
                 if fate == "drop":
@@ -311,6 +311,34 @@ _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
 _NOT_IN_A_DATASET = frozenset({0x0000, 0x0002})
 #: Bytes per value of the binary VRs whose value count the dictionary's multiplicity fixes.
 _VALUE_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
+
+
+#: Bytes a copied text value may hold, by VR: anything else means the bytes are not that VR's
+#: (a wrong length swallowed the next elements, a corrupted tag in an implicit-VR file).
+_CONTROL = bytes(range(0x20))
+_TEXT_CONTROL = _CONTROL.translate(None, b"\t\n\r\f\x1b\x00")
+_STRICT: dict[str, bytes] = {
+    "IS": b"0123456789+- \\\x00",
+    "DS": b"0123456789+-.eE \\\x00",
+    "AS": b"0123456789DWMY \\\x00",
+    "TM": b"0123456789.:- \\\x00",
+    "CS": bytes(range(ord("A"), ord("Z") + 1))
+    + bytes(range(ord("a"), ord("z") + 1))
+    + b"0123456789_- \\\x00",
+}
+
+
+def _plausible(tag: int, vr: str | None, value: bytes | None) -> bool:
+    """Whether a still-encoded value can be what its VR says (see :func:`_plausible_numbers`)."""
+    vr = vr or dictionary_VR(tag)
+    if value is None or vr in _VALUE_SIZE:
+        return _plausible_numbers(tag, vr, value)
+    allowed = _STRICT.get(vr)
+    if allowed is not None:
+        return not value.translate(None, allowed)
+    if vr in ("LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR"):
+        return len(value.translate(None, _TEXT_CONTROL)) == len(value)
+    return True
 
 
 def _looks_like_text(value: bytes | None) -> bool:

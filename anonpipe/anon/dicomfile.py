@@ -160,6 +160,7 @@ class _Walker:
                 "sequences nested too deeply", f"more than {MAX_NESTING} levels at offset {pos}"
             )
         limit = self.size if end is None else end
+        previous = -1
         while end is None or pos < end:
             tag, vr, header_length, length = self.header(pos, stop)
             if header_length == 0:  # `stop` accepted the tag
@@ -168,6 +169,11 @@ class _Walker:
                 if tag == _ITEM_END and end is None:
                     return pos + 8
                 raise MalformedDicom("bad sequence item", f"{_tag(tag)} at offset {pos}")
+            if tag <= previous:
+                # PS3.5 7.1: ascending, each tag once. Out of order means a length was wrong and
+                # what follows is read from the wrong place (a nested item's elements at the top).
+                raise MalformedDicom("elements out of order", f"{_tag(tag)} at offset {pos}")
+            previous = tag
             if not self.implicit and vr not in _VALID_VR:
                 raise MalformedDicom("bad VR", f"element {_tag(tag)} at offset {pos}")
             pos += header_length

@@ -42,6 +42,8 @@ from anonpipe.anon.values import known_tag, values_of
 
 #: Shorter values are not searched: two or three characters match by chance everywhere.
 MIN_NEEDLE = 4
+#: Values of digits and dots this long are found even where a digit touches them.
+LONG_NUMBER = 8
 
 
 class Strength(enum.IntEnum):
@@ -320,7 +322,10 @@ def prepare_needles(values: Iterable[str], encodings: Iterable[str] = ("utf-8",)
             except UnicodeEncodeError:
                 continue
             if numeric:
-                start = end = True
+                # Short numbers only when no digit or dot touches them (not inside a new UID);
+                # long ones (UIDs, long IDs) anywhere: a value's last byte may touch the next
+                # element's tag bytes, which can be digits, and chance matches are negligible.
+                start = end = len(raw) < LONG_NUMBER
             else:
                 start, end = _is_word_byte(raw[0]), _is_word_byte(raw[-1])
             prepared.setdefault(raw, _Needle(raw, value, numeric, start, end))

@@ -61,6 +61,12 @@ def close_unassociated(assoc: Any) -> None:
         assoc.dul.event_queue.put("Evt18")
 
 
+def _dead(assoc: Any) -> bool:
+    """Whether the association's threads have ended (started ones only)."""
+    started = assoc.ident is not None
+    return started and not (assoc.is_alive() and assoc.dul.is_alive())
+
+
 class _PduLimit(OSError):
     """Raised from a socket read to make pynetdicom close the connection (as for a reset)."""
 
@@ -86,7 +92,8 @@ class ConnectionGuard:
         self._on_refusal = on_refusal or (lambda _reason: None)
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()
-        self._waiting: dict[int, str] = {}  # connections without an association yet -> host
+        #: connections without an association yet: id -> (host, association)
+        self._waiting: dict[int, tuple[str, Any]] = {}
         self._accepted: dict[int, Any] = {}
 
     # -- EVT_CONN_OPEN ------------------------------------------------------------------------
@@ -97,8 +104,10 @@ class ConnectionGuard:
             return
         host = str(event.address[0])
         with self._lock:
+            for gone in [a for _, a in self._waiting.values() if _dead(a)]:
+                self._leave_pending(gone)  # its threads died without a close event
             self._pending[host] += 1
-            self._waiting[id(assoc)] = host
+            self._waiting[id(assoc)] = (host, assoc)
             crowded = self._pending[host] > self.pending_per_host
         # Until it associates: ARTIM (the DUL) and the ACSE wait (the association's thread).
         assoc.acse_timeout = self.associate_within
@@ -168,14 +177,15 @@ class ConnectionGuard:
         """Forget accepted associations whose threads died without closing their connection
         (pynetdicom's state machine can raise in its network thread on hostile PDUs, and then
         no ``EVT_CONN_CLOSE`` comes): they must not hold a slot for good. Returns them."""
-        dead = [a for a in self._accepted.values() if not (a.is_alive() and a.dul.is_alive())]
+        dead = [a for a in self._accepted.values() if _dead(a)]
         for assoc in dead:
             self._accepted.pop(id(assoc), None)
         return dead
 
     def _leave_pending(self, assoc: Any) -> None:
-        host = self._waiting.pop(id(assoc), None)
-        if host is not None:
+        waiting = self._waiting.pop(id(assoc), None)
+        if waiting is not None:
+            host = waiting[0]
             self._pending[host] -= 1
             if self._pending[host] <= 0:
                 del self._pending[host]
@@ -186,5 +196,11 @@ class ConnectionGuard:
 
     @property
     def accepted(self) -> int:
+        """Accepted associations holding a slot now (dead ones are let go first)."""
         with self._lock:
-            return len(self._accepted)
+            dead = self._prune()
+            count = len(self._accepted)
+        for gone in dead:
+            with contextlib.suppress(Exception):
+                gone.dul.socket.close()
+        return count

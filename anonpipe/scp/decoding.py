@@ -9,10 +9,17 @@ swap: an exception while decoding deletes that message's spool file, aborts the 
 peer gets an A-ABORT at once) and is reported through the installed callback, without values.
 Our requestor associations go through the same decoder: a malformed response aborts them too,
 which their waiting request then reports (:func:`anonpipe.scu.association.ended`).
+
+pynetdicom's upper-layer state machine likewise raises ``InvalidEventError`` inside its network
+thread when a hostile peer's PDUs arrive in an order PS3.8 does not allow (an A-ASSOCIATE-RQ in
+the middle of an association, data after an A-RELEASE): the thread died with a raw traceback
+and left the connection open. The same :func:`install` makes such an event close that
+connection instead (as PS3.8's "invalid event" actions do), so its association ends cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +64,33 @@ def install(on_malformed: Callable[[Any], None]) -> None:
                 return False
 
         setattr(DIMSEMessage, "decode_msg", guarded)  # noqa: B010
+        _guard_state_machine()
         _installed = True
+
+
+def _guard_state_machine() -> None:
+    from pynetdicom.fsm import StateMachine
+
+    act = StateMachine.do_action
+
+    def do_action(machine: Any, event: str) -> None:
+        try:
+            act(machine, event)
+        except Exception as exc:  # InvalidEventError, or a hostile PDU's ValueError (context 0)
+            dul = machine.dul
+            log.warning(
+                "DICOM event the state machine cannot take; connection closed",
+                dicom_event=event,
+                state=machine.current_state,
+                error=type(exc).__name__,
+            )
+            dul.kill_dul()
+            socket = getattr(dul, "socket", None)
+            if socket is not None:
+                with contextlib.suppress(Exception):
+                    socket.close()
+
+    setattr(StateMachine, "do_action", do_action)  # noqa: B010
 
 
 def _drop(message: Any, assoc: Any, exc: Exception) -> None:
