@@ -32,6 +32,7 @@ from tests.harness.mutants import DEEP_NESTING_KINDS, mutate
 from tests.harness.orthanc import OrthancFactory, OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, SOP_CLASS_BY_MODALITY
+from tests.harness.tmpfs import small_tmpfs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -714,19 +715,8 @@ def test_a_study_that_fails_again_is_backed_off_not_retried_every_poll(
 @pytest.fixture
 def small_data_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB tmpfs as the site's data folder (needs root; skipped otherwise)."""
-    data = tmp_path / "site" / "data"
-    data.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "site" / "data", "64m") as data:
         yield data
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def test_a_full_data_disk_is_a_state_the_run_waits_out(

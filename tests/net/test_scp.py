@@ -31,6 +31,7 @@ from anonpipe.scu import push_files
 from tests.harness.dcmtk import DcmtkError, echoscu, storescu
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.studygen import ALL_TRANSFER_SYNTAXES, Manifest
+from tests.harness.tmpfs import small_tmpfs
 from tests.net.conftest import OUR_AE, start_scp
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,19 +255,8 @@ def test_stop_drains_an_active_association(
 @pytest.fixture
 def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (needs root / CAP_SYS_ADMIN; skipped otherwise), unmounted afterwards."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_full_disk_answers_out_of_resources_and_keeps_serving(
