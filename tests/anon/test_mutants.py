@@ -17,17 +17,17 @@ import os
 import re
 import shutil
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from anonpipe.anon.identity import keyed_uid
 from anonpipe.cli import main
+from tests.harness.leakcheck import describe_holders
 from tests.harness.mutants import DEEP_NESTING_KINDS, UNKNOWN_PUBLIC_KINDS, Mutant, mutate
 from tests.harness.studygen import TINY, Manifest, generate
 
@@ -125,35 +125,6 @@ def _anonymize(inputs: Iterable[Path], work: Path, capfd: pytest.CaptureFixture[
     return batch
 
 
-def _walk(ds: Dataset, path: str = "") -> Iterator[tuple[str, pydicom.DataElement]]:
-    for element in ds:
-        where = f"{path}{element.tag}"
-        yield where, element
-        if element.VR == "SQ":
-            for index, item in enumerate(element.value or ()):
-                yield from _walk(item, f"{where}[{index}] > ")
-
-
-def _where(path: Path, needles: Iterable[str]) -> str:
-    """Which elements of the clean file `path` hold the `needles` (for failure messages)."""
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:
-        return f"(unreadable: {type(exc).__name__})"
-    found = []
-    for where, element in _walk(ds):
-        raw = element.value if isinstance(element.value, bytes) else str(element.value).encode()
-        for needle in needles:
-            if needle.encode() in raw:
-                found.append(f"{where} {element.VR} {element.keyword or '(unknown)'}: {needle}")
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:
-        for where, element in _walk(meta):
-            if any(n in str(element.value) for n in needles):
-                found.append(f"meta {where}")
-    return "; ".join(found) or "(outside any element)"
-
-
 def _leaks(text: str | bytes, generated: Manifest, mutants: Iterable[Mutant]) -> set[str]:
     """Planted identifiers (UIDs included) and mutant SOP Instance UIDs found in `text`."""
     data = text.encode("utf-8", "replace") if isinstance(text, str) else text
@@ -227,7 +198,9 @@ def test_no_mutant_stops_the_batch_or_leaks(
         if found:
             mutant = origin.get(name)
             described = _describe(mutant) if mutant else path.name
-            problems.append(f"clean file leaks: {described}: {_where(path, sorted(found))}")
+            problems.append(
+                f"clean file leaks: {described}: {describe_holders(path, sorted(found))}"
+            )
     if _leaks(batch.out + batch.err, generated, mutants):
         problems.append("the command printed a planted identifier")
     for source, record in batch.records.items():
@@ -255,7 +228,9 @@ def test_unknown_public_elements_come_out_clean_without_the_planted_value(
         else:
             found = _leaks(output.read_bytes(), generated, mutants)
             if found:
-                problems.append(f"{_describe(mutant)}: leaks {_where(output, sorted(found))}")
+                problems.append(
+                    f"{_describe(mutant)}: leaks {describe_holders(output, sorted(found))}"
+                )
     assert not problems, f"{len(problems)} of {len(selected)}:\n" + "\n".join(problems)
 
 

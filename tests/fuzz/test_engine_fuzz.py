@@ -50,18 +50,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import pydicom
 import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, note, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from anonpipe.anon.batch import Engine, EngineSpec
 from anonpipe.anon.deidentify import Outcome, deidentify_file
+from tests.harness.leakcheck import describe_holders
 from tests.harness.mutants import (
     LONG_VRS,
     PREAMBLE,
@@ -527,35 +526,6 @@ def _files(root: Path) -> set[Path]:
     return {Path(folder, name) for folder, _dirs, names in os.walk(root) for name in names}
 
 
-def _walk(ds: Dataset, path: str = "") -> Iterator[tuple[str, Any]]:
-    for element in ds:
-        where = f"{path}{element.tag}"
-        yield where, element
-        if element.VR == "SQ":
-            for index, item in enumerate(element.value or ()):
-                yield from _walk(item, f"{where}[{index}] > ")
-
-
-def _where(path: Path, needles: set[str]) -> str:
-    """Which elements of `path` hold the `needles`: tag, VR and keyword (to tell a tag that a bit
-    flip renamed from a rule's gap)."""
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:
-        return f"(unreadable: {type(exc).__name__})"
-    found = []
-    for where, element in [*_walk(ds.file_meta), *_walk(ds)]:
-        try:
-            value = element.value
-            raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
-        except Exception:
-            continue
-        for needle in sorted(needles):
-            if needle.encode() in raw:
-                found.append(f"{where} {element.VR} {element.keyword or '(unknown)'}: {needle}")
-    return "; ".join(found) or "(outside any element pydicom reads)"
-
-
 def _under(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
@@ -596,7 +566,9 @@ def _problems(
             problems.append(f"{outcome.status}, yet files in quarantine: {in_quarantine}")
         leaked = find(output.read_bytes(), uids=True)
         if leaked:
-            problems.append(f"planted identifiers in the clean output: {_where(output, leaked)}")
+            problems.append(
+                f"planted identifiers in the clean output: {describe_holders(output, leaked)}"
+            )
         leaked = find(str(output.relative_to(clean_dir)).encode())
         if leaked:
             problems.append(f"planted identifiers in the output's path: {sorted(leaked)}")

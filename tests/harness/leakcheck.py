@@ -410,3 +410,35 @@ def find_leaks(values: Iterable[str], output_path: Path, products: Iterable[str]
                 leaks.add(value)
                 break
     return leaks
+
+
+def _every_element(ds: Dataset, path: str = "") -> Iterator[tuple[str, DataElement]]:
+    """Every element at every depth, binary ones included, with a ``tag[i] > tag`` path."""
+    for element in ds:
+        where = f"{path}{element.tag}"
+        yield where, element
+        if element.VR == "SQ":
+            for index, item in enumerate(element.value or ()):
+                yield from _every_element(item, f"{where}[{index}] > ")
+
+
+def describe_holders(path: Path, needles: Iterable[str]) -> str:
+    """Which elements of the file `path` (meta included) hold the `needles`, with tag, VR and
+    keyword: for a failure message (it tells a tag that a bit flip renamed from a rule's gap)."""
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        return f"(unreadable: {type(exc).__name__})"
+    meta = getattr(ds, "file_meta", None)
+    elements = [*(_every_element(meta) if meta is not None else ()), *_every_element(ds)]
+    found = []
+    for where, element in elements:
+        try:
+            value = element.value
+            raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
+        except Exception:
+            continue
+        for needle in sorted(needles):
+            if needle.encode() in raw:
+                found.append(f"{where} {element.VR} {element.keyword or '(unknown)'}: {needle}")
+    return "; ".join(found) or "(outside any element pydicom reads)"
