@@ -62,9 +62,12 @@ def close_unassociated(assoc: Any) -> None:
 
 
 def _dead(assoc: Any) -> bool:
-    """Whether the association's threads have ended (started ones only)."""
-    started = assoc.ident is not None
-    return started and not (assoc.is_alive() and assoc.dul.is_alive())
+    """Whether one of the association's threads has ended (started ones only).
+
+    The association's thread starts its DUL thread itself, a moment after it starts: until
+    then the DUL is not started, not dead (judging it dead freed a waiting connection's count).
+    """
+    return any(t.ident is not None and not t.is_alive() for t in (assoc, assoc.dul))
 
 
 class _PduLimit(OSError):
