@@ -6,11 +6,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +25,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from anonpipe import ctl
 from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
-from tests.harness.deployment import Site, StudyPlan, build_site
+from tests.harness.daemon import Daemon, make_site, query_state, run_state
+from tests.harness.deployment import Site, StudyPlan
 from tests.harness.mutants import DEEP_NESTING_KINDS, mutate
 from tests.harness.orthanc import OrthancFactory, OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
@@ -37,132 +36,10 @@ from tests.harness.tmpfs import small_tmpfs
 pytestmark = pytest.mark.timeout(300)
 
 
-class Daemon:
-    """``anonpipe daemon`` in a subprocess, with a NOTIFY_SOCKET the test reads."""
-
-    def __init__(self, site: Site, notify_dir: Path) -> None:
-        self.site = site
-        self.notify_path = notify_dir / f"notify-{time.monotonic_ns()}.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.notify.settimeout(0.2)
-        self.messages: list[str] = []
-        self.leftovers: bool | None = None
-        # Read datagrams as they come, like systemd: an unread queue (10 datagrams by default)
-        # would block the daemon's sendmsg.
-        self._reading = True
-        self._reader = threading.Thread(target=self._read_loop, daemon=True)
-        self._reader.start()
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="2000000")
-        self.log = (site.root / "daemon.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "anonpipe.cli", "daemon", "-c", str(site.config_path)],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=site.root,
-            start_new_session=True,  # its own process group: the "cgroup" a kill takes down
-        )
-
-    def _read_loop(self) -> None:
-        while self._reading:
-            try:
-                self.messages.append(self.notify.recv(4096).decode())
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def read_notifications(self) -> list[str]:
-        return list(self.messages)
-
-    def wait_for(
-        self, predicate: Callable[[], bool], timeout: float = 120.0, what: str = ""
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}): {self.log_tail()}")
-            if predicate():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}: {self.log_tail()}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return (self.site.root / "daemon.log").read_text(errors="replace")[-chars:]
-
-    def kill(self) -> None:
-        """kill -9 the daemon and everything it started (its de-identification workers), as
-        systemd does with a service's cgroup."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self.close()
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-            # The forkserver and resource tracker leave once they see their parent gone.
-            self.leftovers = True
-            deadline = time.monotonic() + 10
-            while self.leftovers and time.monotonic() < deadline:
-                try:
-                    os.killpg(self.proc.pid, 0)
-                    time.sleep(0.1)
-                except ProcessLookupError:
-                    self.leftovers = False
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing may outlive the test
-        time.sleep(0.3)  # the last datagrams
-        self.close()
-        return code
-
-    def close(self) -> None:
-        self._reading = False
-        self._reader.join(2)
-        self.notify.close()
-        self.notify_path.unlink(missing_ok=True)
-        self.log.close()
-
-
-def _state(site: Site, sql: str) -> list[tuple[object, ...]]:
-    path = site.data_dir / "state.db"
-    if not path.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
-            return db.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-
-
-def _run_state(site: Site) -> str | None:
-    rows = _state(site, "SELECT state FROM runs ORDER BY started DESC LIMIT 1")
-    return str(rows[0][0]) if rows else None
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path for Unix sockets (tmp_path may exceed 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="ap-", dir="/tmp"))
-    yield path
-    for child in path.iterdir():
-        child.unlink(missing_ok=True)
-    path.rmdir()
-
-
-def _site(orthanc_factory: OrthancFactory, root: Path, sockets: Path, plan: StudyPlan) -> Site:
-    staging = orthanc_factory("STAGING")
-    research = orthanc_factory("RESEARCH")
-    site, _port = build_site(root, staging, research, plan, socket_path=sockets / "ctl.sock")
-    return site
-
-
 def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan())
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan())
     daemon = Daemon(site, short_dir)
     try:
         daemon.wait_for(
@@ -170,7 +47,7 @@ def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
         )
         ready = next(m for m in daemon.messages if "READY=1" in m)
         assert "STATUS=" in ready
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        daemon.wait_for(lambda: run_state(site) == "done", what="the run to finish")
         assert len(site.research.instances()) == site.expected_instances()
 
         status = ctl.request(site.socket_path, "status", {})
@@ -224,11 +101,11 @@ def _kill_and_resume(
     moment: Callable[[Site], bool],
     what: str,
 ) -> Site:
-    site = _site(orthanc_factory, root, sockets, _INTERRUPTIBLE)
+    site = make_site(orthanc_factory, root, sockets, _INTERRUPTIBLE)
     first = Daemon(site, sockets)
     first.wait_for(lambda: moment(site), what=what, timeout=180)
     first.kill()
-    assert _run_state(site) != "done", f"the run finished before the kill ({what})"
+    assert run_state(site) != "done", f"the run finished before the kill ({what})"
     _resume(site, sockets)
     return site
 
@@ -241,13 +118,13 @@ def _terminate_at(site: Site, sockets: Path, moment: Callable[[Site], bool], wha
     assert first.terminate() == 0
     assert time.monotonic() - started < 30
     assert any("STOPPING=1" in m for m in first.messages)
-    assert _run_state(site) == "stopped"
+    assert run_state(site) == "stopped"
 
 
 def _resume(site: Site, sockets: Path) -> None:
     second = Daemon(site, sockets)
     try:
-        second.wait_for(lambda: _run_state(site) == "done", what="the resumed run to finish")
+        second.wait_for(lambda: run_state(site) == "done", what="the resumed run to finish")
     finally:
         assert second.terminate() == 0
 
@@ -269,7 +146,7 @@ def _assert_same_as_uninterrupted(site: Site) -> None:
 
 
 def _studies_in(site: Site, state: str) -> int:
-    return len(_state(site, f"SELECT 1 FROM studies WHERE state = '{state}'"))
+    return len(query_state(site, f"SELECT 1 FROM studies WHERE state = '{state}'"))
 
 
 def _files(folder: Path) -> int:
@@ -322,7 +199,7 @@ def test_kill_during_push_then_resume(
     def pushing(site: Site) -> bool:
         if not expected:
             expected.append(site.expected_instances())
-        return _run_state(site) == "pushing" and 0 < len(site.research.instances()) < expected[0]
+        return run_state(site) == "pushing" and 0 < len(site.research.instances()) < expected[0]
 
     site = _kill_and_resume(orthanc_factory, tmp_path / "site", short_dir, pushing, "the push")
     _assert_same_as_uninterrupted(site)
@@ -335,10 +212,10 @@ def test_sigterm_during_the_push_stops_between_files_then_resumes(
 ) -> None:
     """SIGTERM does not wait for the study being pushed: the push stops between files, the run
     is left stopped, exit 0; the next start finishes it as if nothing had happened."""
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
 
     def first_push(site: Site) -> bool:
-        return _run_state(site) == "pushing" and 5 <= len(site.research.instances()) <= 40
+        return run_state(site) == "pushing" and 5 <= len(site.research.instances()) <= 40
 
     _terminate_at(site, short_dir, first_push, "the first study's push")
     # Stopped inside the first study, not after it.
@@ -351,7 +228,7 @@ def test_sigterm_during_the_push_stops_between_files_then_resumes(
 def test_sigterm_during_a_pull_aborts_the_move_then_resumes(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
 
     def first_pull(site: Site) -> bool:
         run = _run_dir(site)
@@ -396,7 +273,7 @@ def test_a_worker_killed_during_deidentification_costs_nothing(
     """The OOM killer (here: SIGKILL) takes a de-identification worker in the middle of a
     study: the pool is rebuilt, the lost files are done again, and the run ends as if nothing
     had happened, without an operator."""
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
     daemon = Daemon(site, short_dir)
     try:
 
@@ -408,7 +285,7 @@ def test_a_worker_killed_during_deidentification_costs_nothing(
         workers = _deid_workers(daemon.proc.pid)
         assert workers, "no de-identification worker found"
         os.kill(workers[0], signal.SIGKILL)
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        daemon.wait_for(lambda: run_state(site) == "done", what="the run to finish")
     finally:
         assert daemon.terminate() == 0
     assert "a de-identification worker died" in daemon.log_tail(100_000)
@@ -419,17 +296,17 @@ def test_status_shows_the_pull_and_the_push_as_they_progress(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
     """An operator asking during a long pull or push sees how far it is, not zeros."""
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, _INTERRUPTIBLE)
     daemon = Daemon(site, short_dir)
     seen: list[dict[str, object]] = []
     try:
         daemon.wait_for(lambda: site.socket_path.exists(), what="the control socket")
         deadline = time.monotonic() + 180
-        while _run_state(site) != "done" and time.monotonic() < deadline:
+        while run_state(site) != "done" and time.monotonic() < deadline:
             with contextlib.suppress(ctl.ControlError):
                 seen += ctl.request(site.socket_path, "status", {})["studies"]
             time.sleep(0.01)
-        assert _run_state(site) == "done"
+        assert run_state(site) == "done"
     finally:
         assert daemon.terminate() == 0
     pulling = [r for r in seen if r["step"] == "pulling"]
@@ -458,7 +335,7 @@ def _malformed_copy(source: Path, dest: Path, name: str) -> Path:
 def test_a_malformed_object_is_quarantined_and_every_other_study_delivered(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
     manifest = site.manifests[0]
     victim = manifest.studies[0]
     bad = _malformed_copy(
@@ -469,7 +346,7 @@ def test_a_malformed_object_is_quarantined_and_every_other_study_delivered(
     site.config_path.write_text(config)
     daemon = Daemon(site, short_dir)
     try:
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        daemon.wait_for(lambda: run_state(site) == "done", what="the run to finish")
         status = ctl.request(site.socket_path, "status", {})
     finally:
         assert daemon.terminate() == 0
@@ -498,7 +375,7 @@ def _assert_nothing_planted(site: Site, status: dict[str, object]) -> None:
     dump = "\n".join(
         str(r)
         for table in ("runs", "studies", "files")
-        for r in _state(site, f"SELECT * FROM {table}")
+        for r in query_state(site, f"SELECT * FROM {table}")
     )
     log = (site.root / "daemon.log").read_bytes()
     assert b'"level": "debug"' in log
@@ -518,7 +395,7 @@ def test_mutants_in_staging_are_quarantined_or_clean_and_every_study_delivered(
     pulled with the rest by the daemon: every landed file clean without a planted identifier or
     quarantined with a reason, every study published, nothing identifying in status, state.db
     or the log."""
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
     candidates = [
         m
         for m in mutate(site.manifests[0], tmp_path / "mutants", 56, seed=2024)
@@ -537,16 +414,18 @@ def test_mutants_in_staging_are_quarantined_or_clean_and_every_study_delivered(
     site.config_path.write_text(config)
     daemon = Daemon(site, short_dir)
     try:
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to finish", timeout=240)
+        daemon.wait_for(lambda: run_state(site) == "done", what="the run to finish", timeout=240)
         status = ctl.request(site.socket_path, "status", {})
     finally:
         assert daemon.terminate() == 0
     for uid in site.approved_uids:
         assert site.review.find_study(uid).image_published, "a study was not delivered"
-    files = _state(site, "SELECT status, reason FROM files")
+    files = query_state(site, "SELECT status, reason FROM files")
     assert {str(s) for s, _ in files} <= {"clean", "duplicate", "quarantined"}
     assert all(r for s, r in files if s == "quarantined"), "a quarantine without a reason"
-    landed = _state(site, "SELECT SUM(landed), SUM(clean + quarantined + duplicates) FROM studies")
+    landed = query_state(
+        site, "SELECT SUM(landed), SUM(clean + quarantined + duplicates) FROM studies"
+    )
     assert landed[0][0] == landed[0][1] == len(files)  # nothing lost
     clean = sum(1 for s, _ in files if s == "clean")
     assert len(site.research.instances()) == clean
@@ -561,10 +440,10 @@ def test_mutants_in_staging_are_quarantined_or_clean_and_every_study_delivered(
 def test_a_second_daemon_on_the_same_data_folder_exits_2_naming_the_holder(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=1))
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=1))
     first = Daemon(site, short_dir)
     try:
-        first.wait_for(lambda: _run_state(site) == "done", what="the run to finish")
+        first.wait_for(lambda: run_state(site) == "done", what="the run to finish")
         # Another control socket and port, the same data folder.
         other = tmp_path / "other.toml"
         text = site.config_path.read_text()
@@ -583,7 +462,7 @@ def test_a_second_daemon_on_the_same_data_folder_exits_2_naming_the_holder(
             assert second.returncode == 2, second.stderr
             assert f"pid {first.proc.pid}" in second.stderr and str(site.data_dir) in second.stderr
             assert time.monotonic() - started < 20
-        assert _run_state(site) == "done"  # the first one's run is untouched
+        assert run_state(site) == "done"  # the first one's run is untouched
     finally:
         first.kill()  # kill -9: the kernel drops the lock, nothing to clear by hand
     again = subprocess.run(
@@ -600,7 +479,7 @@ def test_sigterm_during_a_push_to_a_silent_peer_stops_within_10_s(
 ) -> None:
     """The research PACS takes the C-STOREs and never answers: SIGTERM still ends the daemon in
     seconds (exit 0, run left stopped), not after the DIMSE timeout."""
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=1))
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=1))
     release = threading.Event()
 
     def never_answer(_event: object) -> int:
@@ -631,7 +510,7 @@ def test_sigterm_during_a_push_to_a_silent_peer_stops_within_10_s(
         finally:
             if daemon.proc.poll() is None:
                 daemon.kill()
-        assert _run_state(site) == "stopped"
+        assert run_state(site) == "stopped"
     finally:
         release.set()
         server.shutdown()
@@ -646,13 +525,13 @@ def _outage_then_back(
     try:
         daemon.wait_for(lambda: moment(site), what=what, timeout=180)
         pacs.stop(timeout=0)  # gone at once, as a crash or a cut cable
-        daemon.wait_for(lambda: _run_state(site) == "stopped", what="the run to wait", timeout=60)
+        daemon.wait_for(lambda: run_state(site) == "stopped", what="the run to wait", timeout=60)
         status = ctl.request(site.socket_path, "status", {})
         assert status["state"].startswith("waiting: waiting for the"), status["state"]
-        failed = _state(site, "SELECT reason FROM studies WHERE state = 'failed'")
+        failed = query_state(site, "SELECT reason FROM studies WHERE state = 'failed'")
         assert all("never found" in str(r) for (r,) in failed), failed  # none for the outage
         pacs.start(same_ports=True)
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to resume", timeout=180)
+        daemon.wait_for(lambda: run_state(site) == "done", what="the run to resume", timeout=180)
     finally:
         assert daemon.terminate() == 0
     _assert_same_as_uninterrupted(site)
@@ -665,7 +544,7 @@ _LONG = StudyPlan(approved=2, approved_with_protocol=1, instances_per_series=150
 def test_research_stopped_during_the_push_is_waited_for(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, _LONG)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, _LONG)
 
     def pushing(site: Site) -> bool:
         return _studies_in(site, "pushing") == 1 and len(site.research.instances()) >= 1
@@ -676,7 +555,7 @@ def test_research_stopped_during_the_push_is_waited_for(
 def test_staging_stopped_during_a_pull_is_waited_for(
     orthanc_factory: OrthancFactory, tmp_path: Path, short_dir: Path
 ) -> None:
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, _LONG)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, _LONG)
 
     def pulling(site: Site) -> bool:
         run = _run_dir(site)
@@ -692,11 +571,11 @@ def test_a_study_that_fails_again_is_backed_off_not_retried_every_poll(
     fails, is not written back, and waits a growing interval instead of a new run every poll
     (2 s here); status says when it is tried next."""
     plan = StudyPlan(approved=1, approved_with_protocol=0, rejected_phi=0, conflicting=0)
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, plan)
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, plan)
     site.staging.add_modality("anonpipe", "ANONPIPE", LOOPBACK, free_port())  # nobody there
     daemon = Daemon(site, short_dir)
     try:
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the first run")
+        daemon.wait_for(lambda: run_state(site) == "done", what="the first run")
         time.sleep(8)  # four poll intervals
         runs = RunDir.list(site.data_dir)
         status = ctl.request(site.socket_path, "status", {})
@@ -724,7 +603,7 @@ def test_a_full_data_disk_is_a_state_the_run_waits_out(
 ) -> None:
     """Below the free-space floor the run stops where it is with the reason in status, the
     daemon stays up, and the run completes once space returns; nothing is failed."""
-    site = _site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
+    site = make_site(orthanc_factory, tmp_path / "site", short_dir, StudyPlan(approved=2))
     text = site.config_path.read_text().replace("min_free_mb = 0", "min_free_mb = 16")
     site.config_path.write_text(text)
     filler = small_data_disk / "filler"
@@ -732,14 +611,14 @@ def test_a_full_data_disk_is_a_state_the_run_waits_out(
     filler.write_bytes(bytes(free - 8 * 2**20))  # 8 MiB left, below the 16 MiB floor
     daemon = Daemon(site, short_dir)
     try:
-        daemon.wait_for(lambda: _run_state(site) == "stopped", what="the run to wait for space")
+        daemon.wait_for(lambda: run_state(site) == "stopped", what="the run to wait for space")
         status = ctl.request(site.socket_path, "status", {})
         assert "waiting for disk space" in status["state"], status["state"]
         assert daemon.proc.poll() is None  # still up
-        failed = _state(site, "SELECT reason FROM studies WHERE state = 'failed'")
+        failed = query_state(site, "SELECT reason FROM studies WHERE state = 'failed'")
         assert all("never found" in str(r) for (r,) in failed), failed  # nothing failed for it
         filler.unlink()
-        daemon.wait_for(lambda: _run_state(site) == "done", what="the run to complete")
+        daemon.wait_for(lambda: run_state(site) == "done", what="the run to complete")
     finally:
         assert daemon.terminate() == 0
     assert len(site.research.instances()) == site.expected_instances()
