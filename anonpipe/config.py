@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from anonpipe import tls
 from anonpipe.anon.profile import OPTION_NAMES  # the [anon] options, by name
 from anonpipe.anon.vocabulary import Vocabulary
 
@@ -153,6 +154,33 @@ def _existing_file(value: Path) -> Path:
 _VOCABULARY_SHAPE = 'expected JSON of the shape {"gggg,eeee": ["allowed value", ...]}'
 
 
+def _private_key_file(value: Path) -> Path:
+    _existing_file(value)
+    if value.stat().st_mode & 0o007:
+        raise ValueError(
+            "the private key is readable by every user; chmod 600 it (or 640, group ssl-cert)"
+        )
+    return value
+
+
+def _server_tls(value: ServerTls) -> ServerTls:
+    try:
+        tls.server_context(value)
+    except tls.TlsConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _client_tls(value: ClientTls) -> ClientTls:
+    if (value.certificate is None) != (value.private_key is None):
+        raise ValueError("expected certificate and private_key together, or neither")
+    try:
+        tls.client_context(value)
+    except tls.TlsConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 def _vocabulary_file(value: Path) -> Path:
     _existing_file(value)
     try:
@@ -211,6 +239,40 @@ class Peer:
     host: str = field(metadata={"check": _host})
 
 
+_TLS_VERSION = _one_of("1.2", "1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """``[local.tls]``: DICOM TLS on our SCP (PS3.15 B.1, BCP 195): every connection is TLS.
+
+    ``ca`` holds the CA certificates (PEM) that sign the certificates our peers present; a peer
+    without one (``require_client_certificate``) or with another is refused in the handshake.
+    """
+
+    certificate: Path = field(metadata={"check": _existing_file})
+    private_key: Path = field(metadata={"check": _private_key_file})
+    ca: Path = field(metadata={"check": _existing_file})
+    require_client_certificate: bool = True
+    min_version: str = field(default="1.2", metadata={"check": _TLS_VERSION})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """``[staging.tls]``, ``[research.tls]``: DICOM TLS to that PACS.
+
+    The PACS's certificate must be signed by a CA in ``ca`` and, with ``check_hostname``, name
+    the host we connect to (a DNS name or IP address in its subjectAltName). ``certificate`` and
+    ``private_key`` are ours, for a PACS that asks for a client certificate (most do).
+    """
+
+    ca: Path = field(metadata={"check": _existing_file})
+    certificate: Path | None = field(default=None, metadata={"check": _existing_file})
+    private_key: Path | None = field(default=None, metadata={"check": _private_key_file})
+    check_hostname: bool = True
+    min_version: str = field(default="1.2", metadata={"check": _TLS_VERSION})
+
+
 @dataclass(frozen=True, slots=True)
 class LocalSettings:
     """``[local]``: our own Storage SCP (the old LOCAL_AE) and the limits of its associations."""
@@ -225,6 +287,7 @@ class LocalSettings:
     dimse_timeout: float = field(default=600.0, metadata={"check": _positive})
     network_timeout: float = field(default=600.0, metadata={"check": _positive})
     min_free_mb: int = field(default=1024, metadata={"check": _between(0)})
+    tls: ServerTls | None = field(default=None, metadata={"check": _server_tls})
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +298,7 @@ class StagingSettings:
     host: str = field(default="127.0.0.1", metadata={"check": _host})
     port: int = field(default=4242, metadata={"check": _port})
     connect_timeout: float = field(default=10.0, metadata={"check": _positive})
+    tls: ClientTls | None = field(default=None, metadata={"check": _client_tls})
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +312,7 @@ class ResearchSettings:
     push_associations: int = field(default=1, metadata={"check": _between(1, 16, "an integer")})
     retries: int = field(default=3, metadata={"check": _between(0)})
     retry_backoff: float = field(default=2.0, metadata={"check": _between(0)})
+    tls: ClientTls | None = field(default=None, metadata={"check": _client_tls})
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,9 +542,12 @@ class _Loader:
         return cls(**kwargs) if complete else _INVALID
 
     def convert(self, tp: Any, raw: Any, key: str, meta: Mapping[str, Any]) -> Any:
+        found = len(self.problems)
         value = self.coerce(tp, raw, key, meta)
         if value is _INVALID or value is None:
             return value
+        if len(self.problems) > found:  # a key of this table is wrong: no check of the whole
+            return _INVALID
         if meta.get("each") is not None:
             items = [self.check(meta["each"], v, f"{key}[{i}]") for i, v in enumerate(value)]
             if any(item is _INVALID for item in items):
@@ -586,10 +654,18 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
     return settings
 
 
+def _is_table(tp: Any) -> bool:
+    return any(is_dataclass(arg) for arg in (tp, *typing.get_args(tp)))
+
+
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         out = {}
         for spec_field in _toml_fields(type(value)):
+            if getattr(value, spec_field.name) is None and _is_table(
+                _hints(type(value))[spec_field.name]
+            ):
+                continue  # an absent optional table, e.g. [local.tls]: not in the file either
             item = _plain(getattr(value, spec_field.name))
             redact = spec_field.metadata.get("redact")
             out[spec_field.name] = redact(item) if redact else item

@@ -10,7 +10,10 @@ import contextlib
 import enum
 import re
 import socket
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from anonpipe.config import ClientTls
 
 __all__ = [
     "STUDY_ROOT_FIND",
@@ -93,6 +96,8 @@ class Endpoint(Protocol):
     def port(self) -> int: ...
     @property
     def connect_timeout(self) -> float: ...
+    @property
+    def tls(self) -> ClientTls | None: ...
 
 
 def set_nodelay(event: Any) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up shared by the README commands (scripts/test.sh, scripts/demo.sh): installs whatever is
 # missing on a fresh Debian machine (apt packages: orthanc, dcmtk, dicom3tools for the validity
-# checks, as root or through sudo, a virtual environment
+# checks, openssl for the TLS tests' certificates, as root or through sudo, a virtual environment
 # .venv with the package and its test extra). Idempotent: a second run installs nothing new.
 # PYTHON selects the interpreter that creates .venv (default python3, >= 3.11).
 set -euo pipefail
@@ -14,6 +14,7 @@ command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the DICOM TLS tests' certificates
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

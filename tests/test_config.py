@@ -16,15 +16,18 @@ import pytest
 
 from anonpipe.cli import main
 from anonpipe.config import (
+    ClientTls,
     ConfigError,
     ConfigProblem,
     LocalSettings,
     Peer,
     ReviewSettings,
+    ServerTls,
     Settings,
     load_settings,
     settings_as_dict,
 )
+from tests.harness.tls import Identity, TestPki
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "etc" / "anonpipe.toml"
@@ -528,3 +531,75 @@ def test_settings_as_dict_is_json_able() -> None:
     assert json.loads(json.dumps(plain)) == plain
     assert plain["local"]["allowed_peers"] == [{"ae_title": "A", "host": "10.0.0.1"}]
     assert "source" not in plain
+
+
+# -- DICOM TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestPki, Identity, Identity]:
+    """A CA with one certificate, and another CA's certificate."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca = TestPki(folder / "ca")
+    return ca, ca.issue("anonpipe"), TestPki(folder / "other").issue("other")
+
+
+def test_tls_tables_load_with_paths_beside_the_file(
+    tmp_path: Path, pki: tuple[TestPki, Identity, Identity]
+) -> None:
+    ca, ours, _ = pki
+    text = (
+        f'[local.tls]\ncertificate = "{ours.certificate}"\nprivate_key = "{ours.private_key}"\n'
+        f'ca = "{ca.ca}"\n[research.tls]\nca = "{ca.ca}"\ncheck_hostname = false\n'
+        '[staging.tls]\nca = "ca/ca.crt"\ncertificate = "ca/anonpipe.crt"\n'
+        'private_key = "ca/anonpipe.key"\nmin_version = "1.3"\n'
+    )
+    settings = load_settings(write(ca.folder.parent, text), {})
+    assert settings.local.tls == ServerTls(ours.certificate, ours.private_key, ca.ca)
+    assert settings.research.tls == ClientTls(ca.ca, check_hostname=False)
+    assert settings.staging.tls == ClientTls(ca.ca, ours.certificate, ours.private_key, True, "1.3")
+    assert settings_as_dict(settings)["research"]["tls"]["check_hostname"] is False
+    assert "tls" not in settings_as_dict(Settings())["local"]  # absent: plain TCP
+
+
+def test_unusable_tls_files_stop_start_up_naming_the_key(
+    tmp_path: Path, pki: tuple[TestPki, Identity, Identity]
+) -> None:
+    ca, ours, other = pki
+    readable = tmp_path / "readable.key"
+    readable.write_bytes(ours.private_key.read_bytes())
+    readable.chmod(0o644)
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    cases = {
+        "local.tls.private_key": (
+            f'[local.tls]\ncertificate = "{ours.certificate}"\nprivate_key = "{readable}"\n'
+            f'ca = "{ca.ca}"\n',
+            "readable by every user; chmod 600",
+        ),
+        "local.tls": (
+            f'[local.tls]\ncertificate = "{ours.certificate}"\n'
+            f'private_key = "{other.private_key}"\nca = "{ca.ca}"\n',
+            "cannot be used together",
+        ),
+        "research.tls": (
+            f'[research.tls]\nca = "{not_pem}"\n',
+            "holds no usable CA certificate",
+        ),
+        "staging.tls": (
+            f'[staging.tls]\nca = "{ca.ca}"\ncertificate = "{ours.certificate}"\n',
+            "certificate and private_key together",
+        ),
+        "staging.tls.min_version": (
+            f'[staging.tls]\nca = "{ca.ca}"\nmin_version = "1.1"\n',
+            "expected one of 1.2, 1.3",
+        ),
+        "local.tls.ca": (
+            f'[local.tls]\ncertificate = "{ours.certificate}"\n'
+            f'private_key = "{ours.private_key}"\n',
+            "required key missing",
+        ),
+    }
+    for key, (text, message) in cases.items():
+        (problem,) = problems(write(tmp_path, text))
+        assert problem.key == key and message in problem.message, (key, str(problem))

@@ -261,7 +261,12 @@ class Service:
     async def _echo_peers(self) -> None:
         for name, peer in remote_peers(self.settings).items():
             result = await asyncio.to_thread(echo, self.settings.local, peer)
-            self.peers[name] = {"peer": result.peer, "ok": result.ok, "error": result.error}
+            self.peers[name] = {
+                "peer": result.peer,
+                "ok": result.ok,
+                "error": result.error,
+                "tls": peer.tls is not None,
+            }
 
     def _status_line(self) -> str:
         if self.guard.tripped:

@@ -20,17 +20,21 @@ those with a limit:
   more are closed at once;
 - the association limit counts *accepted* associations of allowed peers only (checked after
   the peer policy, in :meth:`admit`), so connections that never associate, and rejected ones,
-  never take an allowed peer's slot.
+  never take an allowed peer's slot;
+- with DICOM TLS, the handshake is done here, in the connection's own thread and within
+  ``associate_within`` seconds (:func:`anonpipe.tls.accept`); a failed one closes the connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ssl
 import threading
 from collections import Counter
 from typing import Any
 
+from anonpipe import tls
 from anonpipe.logs import get_logger
 
 __all__ = ["ConnectionGuard", "close_unassociated"]
@@ -49,6 +53,7 @@ _PDU_SLACK = 1024
 TOO_MANY_PENDING = "too many connections without an association from one address"
 TOO_LONG = "PDU longer than we accept"
 LIMIT_REACHED = "association limit reached"
+TLS_FAILED = "TLS handshake failed"
 
 
 def close_unassociated(assoc: Any) -> None:
@@ -86,6 +91,7 @@ class ConnectionGuard:
         read_timeout: float,
         pending_per_host: int,
         on_refusal: Any = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.max_associations = max_associations
         self.max_pdu = (max_pdu_size or UNLIMITED_PDU_CAP) + _PDU_SLACK
@@ -93,6 +99,7 @@ class ConnectionGuard:
         self.read_timeout = read_timeout
         self.pending_per_host = pending_per_host
         self._on_refusal = on_refusal or (lambda _reason: None)
+        self.tls_context = tls_context
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()
         #: connections without an association yet: id -> (host, association)
@@ -119,6 +126,12 @@ class ConnectionGuard:
         if crowded:
             self._refuse(TOO_MANY_PENDING, host)
             close_unassociated(assoc)
+            return
+        if self.tls_context is not None:
+            failure = tls.accept(self.tls_context, assoc, self.associate_within)
+            if failure is not None:
+                self._refuse(TLS_FAILED, host, tls_error=failure)
+                close_unassociated(assoc)
 
     @staticmethod
     def _read_timeout(assoc: Any, seconds: float) -> None:
@@ -193,8 +206,8 @@ class ConnectionGuard:
             if self._pending[host] <= 0:
                 del self._pending[host]
 
-    def _refuse(self, reason: str, host: str) -> None:
-        log.warning("connection closed", reason=reason, peer_address=host)
+    def _refuse(self, reason: str, host: str, **detail: str) -> None:
+        log.warning("connection closed", reason=reason, peer_address=host, **detail)
         self._on_refusal(reason)
 
     @property

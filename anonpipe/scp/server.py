@@ -19,6 +19,7 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 
+from anonpipe import tls
 from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
@@ -103,6 +104,7 @@ class StorageSCP:
             read_timeout=min(local.network_timeout, READ_TIMEOUT),
             pending_per_host=PENDING_PER_HOST,
             on_refusal=self.rejections.add,
+            tls_context=tls.server_context(local.tls) if local.tls else None,
         )
         self.spool_dir = spool_dir
         self._server: Any = None
@@ -174,6 +176,7 @@ class StorageSCP:
             bind=self.local.bind,
             port=self.port,
             allowed_peers=list(self.policy.allowed_titles),
+            tls=self.local.tls is not None,
         )
 
     def _prepare_spool(self) -> None:

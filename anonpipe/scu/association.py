@@ -29,6 +29,7 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 
+from anonpipe import tls
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import Endpoint, set_nodelay
 
@@ -116,11 +117,13 @@ def associate(
     ae.maximum_pdu_size = local.max_pdu_size
     ae.requested_contexts = list(contexts)
     connected: list[bool] = []
+    handshake = tls.HandshakeRecord()
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         max_pdu=local.max_pdu_size,
+        tls_args=(tls.client_context(peer.tls, handshake), peer.host) if peer.tls else None,
         evt_handlers=[
             (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
             (evt.EVT_CONN_OPEN, set_nodelay),
@@ -129,6 +132,8 @@ def associate(
         ],
     )
     if not assoc.is_established:
+        if handshake.error is not None:
+            raise PeerUnavailable(peer, _tls_failure(handshake.error), Cause.REFUSAL)
         raise PeerUnavailable(peer, *_failure_reason(assoc, peer, bool(connected)))
     _return_stolen_responses(assoc)
     with _OPEN_LOCK:
@@ -219,6 +224,14 @@ def _return_stolen_responses(assoc: Any) -> None:
         serve(msg, context_id)
 
     assoc._serve_request = serve_request
+
+
+def _tls_failure(error: BaseException) -> str:
+    """A failed TLS handshake: the certificates or the PACS's TLS settings must change."""
+    return (
+        f"TLS handshake failed ({tls.describe_error(error)}); check the tls certificate, key "
+        "and ca of this PACS in the configuration, and that it speaks DICOM TLS on this port"
+    )
 
 
 def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> tuple[str, Cause]:

@@ -15,8 +15,10 @@ from pydicom import dcmread
 from anonpipe import cli
 from anonpipe.anon.identity import IdentityStore, load_or_create_key
 from anonpipe.daemon.rundir import RunDir
-from tests.harness.deployment import Site, StudyPlan, build_site
+from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site
 from tests.harness.orthanc import OrthancFactory
+from tests.harness.ports import LOOPBACK
+from tests.harness.tls import TestPki, orthanc_tls
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -257,3 +259,34 @@ def _days(before: str, after: str) -> int:
         return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
 
     return (parse(after) - parse(before)).days
+
+
+def test_run_once_over_dicom_tls_everywhere(
+    orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    """Staging and research speak only DICOM TLS, and so does our SCP (the C-MOVE comes back
+    over TLS): the run delivers and writes back exactly as over plain TCP."""
+    pki = TestPki(tmp_path / "pki")
+    ours, pacs = pki.issue("anonpipe"), pki.issue("pacs")
+    tls_config = orthanc_tls(pacs, pki.ca)
+    staging = orthanc_factory("STAGING", extra_config=tls_config)
+    research = orthanc_factory("RESEARCH", extra_config=tls_config)
+    socket_dir = Path(tempfile.mkdtemp(prefix="anonpipe-", dir="/tmp"))
+    plan = StudyPlan(approved=2, approved_with_protocol=0, rejected_phi=0, conflicting=0)
+    site, port = build_site(
+        tmp_path / "site", staging, research, plan, socket_path=socket_dir / "control.sock"
+    )
+    staging.add_modality("anonpipe", OUR_AE, LOOPBACK, port, tls=True)
+    identity = f'certificate = "{ours.certificate}"\nprivate_key = "{ours.private_key}"\n'
+    with site.config_path.open("a", encoding="utf-8") as config:
+        config.write(f'\n[local.tls]\n{identity}ca = "{pki.ca}"\n')
+        for peer in ("staging", "research"):
+            config.write(f'\n[{peer}.tls]\nca = "{pki.ca}"\n{identity}')
+
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+
+    assert len(research.studies()) == len(site.approved_uids)
+    assert len(research.instances()) == site.expected_instances()
+    for uid in site.approved_uids:
+        row = site.review.find_study(uid)
+        assert row.image_published and row.study_uid in research.study_instance_uids()

@@ -189,10 +189,19 @@ def echoscu(
     called_aet: str = "ANY-SCP",
     calling_aet: str = "ECHOSCU",
     timeout: float = 30.0,
+    tls: Sequence[str] = (),
 ) -> ToolResult:
-    """C-ECHO a peer; raise :class:`DcmtkError` if it does not answer with Success."""
+    """C-ECHO a peer; raise :class:`DcmtkError` if it does not answer with Success. `tls`: DCMTK
+    TLS options (:func:`tests.harness.tls.dcmtk_tls`)."""
     return run_tool(
-        ["echoscu", "-v", *_association_args(calling_aet, called_aet, timeout), host, str(port)],
+        [
+            "echoscu",
+            "-v",
+            *tls,
+            *_association_args(calling_aet, called_aet, timeout),
+            host,
+            str(port),
+        ],
         timeout=timeout + 5,
     )
 
@@ -356,6 +365,7 @@ def storescu(
     calling_aet: str = "STORESCU",
     propose: str = "--propose-rle",
     timeout: float = 120.0,
+    tls: Sequence[str] = (),
 ) -> ToolResult:
     """C-STORE files (or directories, recursively) in one association.
 
@@ -376,6 +386,7 @@ def storescu(
         [
             "storescu",
             "-v",
+            *tls,
             "--required",
             propose,
             "+sd",
@@ -406,6 +417,9 @@ class StoreSCP:
     fork : bool, optional
         ``--fork``: a child process per association, so parallel senders do not queue (the
         default single-process mode serves one association at a time).
+    tls : sequence of str, optional
+        DCMTK TLS options (:func:`tests.harness.tls.dcmtk_tls`): ``storescp`` then speaks only
+        TLS, and the readiness echo uses the same identity.
     """
 
     def __init__(
@@ -416,8 +430,10 @@ class StoreSCP:
         port: int | None = None,
         accept_all: bool = True,
         fork: bool = False,
+        tls: Sequence[str] = (),
     ) -> None:
         self.output_dir = output_dir
+        self.tls = list(tls)
         self.aet = aet
         self.port = port or free_port()
         self.accept_all = accept_all
@@ -427,7 +443,7 @@ class StoreSCP:
 
     def start(self, timeout: float = 10.0) -> Self:
         """Start ``storescp`` and wait until it accepts an association."""
-        args = ["storescp", "-aet", self.aet]
+        args = ["storescp", *self.tls, "-aet", self.aet]
         if self.fork:
             args.append("--fork")
         if self.accept_all:
@@ -456,7 +472,7 @@ class StoreSCP:
                 self.stop()
                 raise DcmtkError(f"storescp exited with code {code}: {output}")
             try:
-                echoscu(self.port, called_aet=self.aet, timeout=2)
+                echoscu(self.port, called_aet=self.aet, timeout=2, tls=self.tls)
                 return self
             except DcmtkError:
                 if time.monotonic() > deadline:

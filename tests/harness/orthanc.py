@@ -94,16 +94,22 @@ class Modality:
         The peer's address.
     port : int
         The peer's DICOM port.
+    tls : bool
+        Orthanc's associations to this peer use DICOM TLS (``UseDicomTls``).
     """
 
     name: str
     aet: str
     host: str
     port: int
+    tls: bool = False
 
     def to_orthanc(self) -> JsonObject:
         """Return the JSON object Orthanc accepts in its configuration and ``PUT /modalities``."""
-        return {"AET": self.aet, "Host": self.host, "Port": self.port}
+        entry: JsonObject = {"AET": self.aet, "Host": self.host, "Port": self.port}
+        if self.tls:
+            entry["UseDicomTls"] = True
+        return entry
 
 
 def find_orthanc_executable() -> str:
@@ -703,13 +709,15 @@ class OrthancServer:
             for name, value in known.items()
         }
 
-    def add_modality(self, name: str, aet: str, host: str, port: int) -> Modality:
+    def add_modality(
+        self, name: str, aet: str, host: str, port: int, *, tls: bool = False
+    ) -> Modality:
         """Register (or replace) a DICOM peer at run time (``PUT /modalities/{name}``).
 
         Use for peers whose port is only known after Orthanc started, such as the service's own
-        Storage SCP as a C-MOVE destination.
+        Storage SCP as a C-MOVE destination. `tls`: Orthanc talks DICOM TLS to it.
         """
-        modality = Modality(name, aet, host, port)
+        modality = Modality(name, aet, host, port, tls)
         self._modalities[name] = modality
         self.put_json(f"/modalities/{_quote(name)}", modality.to_orthanc())
         return modality
@@ -744,7 +752,7 @@ PeerSpec: TypeAlias = Modality | OrthancServer | tuple[str, str, int]
 
 def _to_modality(name: str, peer: PeerSpec) -> Modality:
     if isinstance(peer, Modality):
-        return Modality(name, peer.aet, peer.host, peer.port)
+        return Modality(name, peer.aet, peer.host, peer.port, peer.tls)
     if isinstance(peer, OrthancServer):
         return peer.as_modality(name)
     aet, host, port = peer
