@@ -12,6 +12,7 @@ the response in one place.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from anonpipe.dimse import Status, is_valid_uid
 from anonpipe.durable import free_bytes, move_file
 from anonpipe.headers import read_header, text_value
 from anonpipe.scp.landing import Arrival, Landing, LandingRegistry, Tally
+from anonpipe.scp.spool import BelowFloor
 
 __all__ = ["Lander", "Refused", "StoreRequest"]
 
@@ -30,6 +32,7 @@ _UIDS = {
     "study": "StudyInstanceUID",
     "series": "SeriesInstanceUID",
 }
+BELOW_FLOOR = "landing filesystem below its free-space floor"
 #: Errors that mean "no space left": answered with Out of Resources, not a crash.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
@@ -88,8 +91,14 @@ class Lander:
         """
         landing: Landing | None = None
         try:
-            if request.write_error is not None:
+            below_floor = isinstance(request.write_error, BelowFloor)
+            if request.write_error is not None and not below_floor:
                 raise request.write_error
+            if below_floor:  # the spool kept the header: count it against its study
+                with contextlib.suppress(Refused):
+                    study_uid = _read_uids(request.temp_path).get("study", "")
+                    landing = self.registry.get(study_uid) if is_valid_uid(study_uid) else None
+                raise Refused(Status.OUT_OF_RESOURCES, BELOW_FLOOR)
             uids = _read_uids(request.temp_path)
             study_uid = uids.get("study", "")
             if not is_valid_uid(study_uid):
@@ -124,7 +133,7 @@ class Lander:
             raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request")
         size = request.temp_path.stat().st_size
         if self.min_free_bytes and free_bytes(landing.directory) - size < self.min_free_bytes:
-            raise Refused(Status.OUT_OF_RESOURCES, "landing filesystem below its free-space floor")
+            raise Refused(Status.OUT_OF_RESOURCES, BELOW_FLOOR)
         dest = landing.directory / f"{sop_uid}.dcm"
         move_file(request.temp_path, dest)  # fsynced file and folder before we answer
         return Arrival(

@@ -24,7 +24,7 @@ from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
 from anonpipe.scp import decoding, spool
-from anonpipe.scp.connections import ConnectionGuard, close_unassociated
+from anonpipe.scp.connections import UNLIMITED_PDU_CAP, ConnectionGuard, close_unassociated
 from anonpipe.scp.handlers import on_c_store, on_closed, on_requested
 from anonpipe.scp.lander import Lander
 from anonpipe.scp.landing import LandingRegistry
@@ -116,7 +116,9 @@ class StorageSCP:
         # (ConnectionGuard.admit) counts allowed peers' accepted associations; its own only
         # bounds the threads.
         ae.maximum_associations = max(THREAD_BOUND, 4 * self.local.max_associations)
-        ae.maximum_pdu_size = self.local.max_pdu_size
+        # "0 = unlimited" is not what we accept (ConnectionGuard caps it): advertise the cap, so
+        # that a peer that sends whole objects in one PDU when told "unlimited" is not refused.
+        ae.maximum_pdu_size = self.local.max_pdu_size or UNLIMITED_PDU_CAP
         ae.acse_timeout = self.local.acse_timeout
         ae.dimse_timeout = self.local.dimse_timeout
         ae.network_timeout = self.local.network_timeout
@@ -181,14 +183,15 @@ class StorageSCP:
 
     def _prepare_spool(self) -> None:
         decoding.install(lambda _assoc: self.lander.refused.add(decoding.MALFORMED_COMMAND))
+        floor = self.lander.min_free_bytes
         if self.spool_dir is None:
-            spool.install(Path(tempfile.gettempdir()))
+            spool.install(Path(tempfile.gettempdir()), floor)
             return
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         removed = spool.sweep(self.spool_dir)
         if removed:
             log.warning("unacknowledged partial objects removed", count=removed)
-        spool.install(self.spool_dir)
+        spool.install(self.spool_dir, floor)
 
     def active_associations(self) -> int:
         server = self._server

@@ -11,6 +11,10 @@ Two things about that are not acceptable for a resident service, so the SCP swap
   without an answer (the peer then waits out its timeout, and the partial file stayed). A
   :class:`SpoolFile` keeps the error, empties itself and lets the transfer finish; the C-STORE
   handler then answers Out of Resources (0xA700);
+- the free-space floor (``[local] min_free_mb``) must hold while an object arrives, not only
+  when it lands: one large object (unsolicited, even) filled a small data disk before it was
+  refused, and a legitimate pull beside it lost objects. A :class:`SpoolFile` checks the free
+  space every :data:`CHECK_EVERY` bytes and fails, as for a full disk, below the floor;
 - an association that ends in the middle of an object (peer killed, network cut, abort) left
   that partial file behind until the next restart, patient data and disk space included, for a
   service that runs for months: :func:`discard_unfinished` deletes it when the connection closes.
@@ -22,19 +26,31 @@ test in ``tests/net`` fails if a pynetdicom release stops calling it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpoolFile", "discard_unfinished", "install", "spool_error", "sweep"]
+__all__ = ["BelowFloor", "SpoolFile", "discard_unfinished", "install", "spool_error", "sweep"]
 
 PREFIX = "in-"
 SUFFIX = ".dcm"
 
+#: How often (bytes written) a spool file checks the free-space floor: one ``fstatvfs`` per MiB.
+CHECK_EVERY = 1 << 20
+
+#: What a spool file stopped at the floor keeps: its header's UIDs are in the first bytes.
+KEEP_HEADER = 64 << 10
+
 _lock = threading.Lock()
 _directory: Path | None = None
+_floor = 0
+
+
+class BelowFloor(OSError):
+    """Writing on would take the landing filesystem below its free-space floor."""
 
 
 class SpoolFile:
@@ -44,10 +60,13 @@ class SpoolFile:
     ``file.flush()`` and ``close``.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, floor: int = 0) -> None:
         fd, name = tempfile.mkstemp(prefix=PREFIX, suffix=SUFFIX, dir=directory)
         self.name = name
         self._fd = fd
+        self._floor = floor
+        # The first check comes once the header is written (the lander checks small objects).
+        self._unchecked = CHECK_EVERY - KEEP_HEADER
         self.error: OSError | None = None
 
     @property
@@ -62,7 +81,22 @@ class SpoolFile:
                     view = view[os.write(self._fd, view) :]
             except OSError as exc:
                 self._fail(exc)
+        if self._floor and self.error is None:
+            self._unchecked += len(data)
+            if self._unchecked >= CHECK_EVERY:
+                self._unchecked = 0
+                self._check_floor()
         return len(data)
+
+    def _check_floor(self) -> None:
+        """Fail when the next :data:`CHECK_EVERY` bytes could take us below the floor."""
+        try:
+            stats = os.fstatvfs(self._fd)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if stats.f_bavail * stats.f_frsize - CHECK_EVERY < self._floor:
+            self._fail(BelowFloor(errno.ENOSPC, "the free-space floor is reached"))
 
     def flush(self) -> None:
         """Unbuffered: every ``write`` already reached the kernel."""
@@ -74,24 +108,29 @@ class SpoolFile:
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
+        # Give the space back at once; below the floor, keep the start of the header, so the
+        # refusal can be counted against the study that was expected.
+        keep = KEEP_HEADER if isinstance(exc, BelowFloor) else 0
         with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)  # give the space back at once
+            os.ftruncate(self._fd, min(keep, os.fstat(self._fd).st_size))
 
 
 def _spool_factory(*_args: Any, **_kwargs: Any) -> SpoolFile:
     directory = _directory
     if directory is None:
         directory = Path(tempfile.gettempdir())
-    return SpoolFile(directory)
+    return SpoolFile(directory, _floor)
 
 
-def install(directory: Path) -> None:
-    """Make pynetdicom spool received data sets into *directory* through :class:`SpoolFile`."""
-    global _directory
+def install(directory: Path, floor: int = 0) -> None:
+    """Make pynetdicom spool received data sets into *directory* through :class:`SpoolFile`,
+    keeping at least *floor* bytes free on its filesystem."""
+    global _directory, _floor
     from pynetdicom import dimse_messages
 
     with _lock:
         _directory = directory
+        _floor = floor
         setattr(dimse_messages, "NamedTemporaryFile", _spool_factory)  # noqa: B010
 
 

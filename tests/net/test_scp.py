@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -27,6 +28,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from anonpipe.config import LocalSettings, Peer, ResearchSettings
 from anonpipe.dimse import Status
 from anonpipe.scp import Arrival, LandingError, LandingRegistry, StorageSCP
+from anonpipe.scp.lander import BELOW_FLOOR
 from anonpipe.scu import push_files
 from tests.harness.dcmtk import DcmtkError, echoscu, storescu
 from tests.harness.ports import LOOPBACK, free_port
@@ -288,6 +290,58 @@ def test_full_disk_answers_out_of_resources_and_keeps_serving(
         echoscu(scp.port, called_aet=OUR_AE, calling_aet="PYSCU")
     finally:
         scp.stop()
+
+
+def test_the_free_space_floor_holds_while_an_object_arrives(
+    local: LocalSettings,
+    registry: LandingRegistry,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """A 20 MiB unsolicited object into a 24 MiB data disk with an 8 MiB floor: it used to be
+    spooled whole (filling the disk a pull was landing on) before being refused. Now the spool
+    stops at the floor, the answer is Out of Resources, and a legitimate object still lands."""
+    big, small = (
+        study_factory(series_per_study=1, instances_per_series=1, size=size)
+        for size in ((2048, 2048), (256, 256))
+    )
+    floor = 8 << 20
+    with small_tmpfs(tmp_path / "disk", "24m") as disk:
+        (disk / "incoming").mkdir()
+        scp = start_scp(
+            local,
+            registry,
+            [Peer("PYSCU", LOOPBACK)],
+            spool_dir=disk / "incoming",
+            min_free_bytes=floor,
+        )
+        lowest = [shutil.disk_usage(disk).free]
+        sending = threading.Event()
+
+        def sample() -> None:
+            while not sending.is_set():
+                lowest[0] = min(lowest[0], shutil.disk_usage(disk).free)
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            ds = dcmread(big.paths[0])
+            ds.Rows, ds.Columns = 2560, 4096
+            ds.PixelData = os.urandom(20 << 20)  # 20 MiB: spooled whole, 4 MiB would be left
+            assert _pyscu_store(scp.port, ds) == Status.OUT_OF_RESOURCES
+            sending.set()
+            sampler.join()
+            assert lowest[0] >= floor - (1 << 20), f"free space fell to {lowest[0] >> 20} MiB"
+            assert list((disk / "incoming").iterdir()) == []
+            assert scp.status().refused == {BELOW_FLOOR: 1}
+            small_ds = dcmread(small.paths[0])
+            with registry.expect(str(small_ds.StudyInstanceUID), disk / "landing") as landing:
+                assert _pyscu_store(scp.port, small_ds) == Status.SUCCESS
+                assert landing.landed == 1
+        finally:
+            sending.set()
+            scp.stop()
 
 
 def test_a_transfer_cut_midway_leaves_no_partial_object(
