@@ -94,7 +94,15 @@ def _toml_value(value: Any) -> str:
 
 def _check_config(args: argparse.Namespace) -> int:
     """Print the effective settings, one ``section.key = value`` line each, secrets redacted."""
+    from anonpipe.anon.identity import IdentityError, check_store
+
     settings = load_settings(args.config, os.environ)
+    if os.access(settings.anon.identity_db, os.R_OK):  # another user's store is not judged here
+        try:
+            check_store(settings.anon.identity_db)  # the old pipeline's identity.db is refused
+        except IdentityError as exc:
+            print(f"anon.identity_db: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     print(f"# anonpipe configuration from {settings.source}: valid")
     for section, table in settings_as_dict(settings).items():
         for key, value in table.items():
@@ -123,7 +131,7 @@ def _anonymize_arguments(parser: argparse.ArgumentParser) -> None:
 def _anonymize(args: argparse.Namespace) -> int:
     """De-identify SRC into DEST offline, with the daemon's engine and identity store."""
     from anonpipe.anon.batch import engine_spec, iter_files, run_batch
-    from anonpipe.anon.identity import IdentityError, load_or_create_key
+    from anonpipe.anon.identity import IdentityError, check_store, load_or_create_key
     from anonpipe.logs import configure_logging
 
     settings = load_settings(args.config, os.environ)
@@ -136,6 +144,7 @@ def _anonymize(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     anon = settings.anon
     try:
+        check_store(anon.identity_db)  # a foreign identity.db: refused before the key is made
         key = load_or_create_key(anon.key_file)
     except IdentityError as exc:
         print(f"anonpipe anonymize: {exc}", file=sys.stderr)
@@ -427,6 +436,54 @@ def _summary(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _import_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "old_db",
+        type=Path,
+        metavar="OLD_DB",
+        help="the old pipeline's identity.db (only read, never changed)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="report what would be imported; write nothing"
+    )
+
+
+def _import_identity(args: argparse.Namespace) -> int:
+    """Import the old pipeline's mappings into ``[anon] identity_db`` (counts, never values)."""
+    import secrets
+    import sqlite3
+
+    from anonpipe.anon.identity import IdentityError, load_or_create_key
+    from anonpipe.anon.legacy import LegacyError, import_identity
+    from anonpipe.daemon.lock import DataDirLock, DataDirLocked
+
+    settings = load_settings(args.config, os.environ)
+    anon = settings.anon
+    lock = DataDirLock(settings.pipeline.data_dir)
+    try:
+        if args.dry_run:  # creates nothing, not even the key file
+            exists = anon.key_file.exists()
+            key = load_or_create_key(anon.key_file) if exists else secrets.token_bytes(32)
+        else:
+            lock.acquire()  # no daemon or run-once de-identifies while mappings are added
+            key = load_or_create_key(anon.key_file)
+        report = import_identity(
+            args.old_db, anon.identity_db, key, anon.date_shift_days, dry_run=args.dry_run
+        )
+    except (LegacyError, IdentityError, DataDirLocked) as exc:
+        print(f"anonpipe import-identity: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (sqlite3.Error, OSError) as exc:
+        print(f"anonpipe import-identity: failed, nothing imported: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        lock.release()
+    for line in report.lines():
+        print(line)
+    return EXIT_OK
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         "check-config",
@@ -475,6 +532,12 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
         "print the Study/Series Descriptions and Patient Names in a folder, with counts",
         _summary_arguments,
         _summary,
+    ),
+    Subcommand(
+        "import-identity",
+        "import the old pipeline's identity.db (its UIDs and pseudonyms) into identity_db",
+        _import_identity_arguments,
+        _import_identity,
     ),
 )
 

@@ -114,8 +114,17 @@ def _host(value: str) -> str:
 
 
 def _database(value: str) -> str:
-    if "://" in value and urlsplit(value).scheme not in ("postgresql", "postgres"):
-        raise ValueError("expected a SQLite file path or a postgresql:// URL")
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("expected a SQLite file path or a postgresql:// URL")
+        if parts.password is not None or any(
+            k == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+        ):
+            raise ValueError(
+                "expected a URL without a password: this file is no place for secrets; put the "
+                "password in [review] password_file, or in PGPASSWORD or PGPASSFILE"
+            )
     _non_empty(value)
     return value
 
@@ -159,6 +168,16 @@ def _private_key_file(value: Path) -> Path:
     if value.stat().st_mode & 0o007:
         raise ValueError(
             "the private key is readable by every user; chmod 600 it (or 640, group ssl-cert)"
+        )
+    return value
+
+
+def _password_file(value: Path) -> Path:
+    _existing_file(value)
+    if value.stat().st_mode & 0o007:
+        raise ValueError(
+            "the password file is readable by every user; chmod 600 it (or 640, group of the "
+            "service)"
         )
     return value
 
@@ -317,6 +336,7 @@ class ReviewSettings:
         default="/var/lib/anonpipe/review.db",
         metadata={"check": _database, "relative": True, "redact": _redact_url},
     )
+    password_file: Path | None = field(default=None, metadata={"check": _password_file})
     table_prefix: str = field(default="dicom_staging_", metadata={"check": _sql_identifier})
     poll_interval: float = field(default=30.0, metadata={"check": _positive})
 
@@ -547,13 +567,18 @@ class _Loader:
             if any(item is _INVALID for item in items):
                 return _INVALID
             value = tuple(items)
-        return self.check(meta["check"], value, key) if meta.get("check") else value
+        if not meta.get("check"):
+            return value
+        return self.check(meta["check"], value, key, meta.get("redact"))
 
-    def check(self, check: Check, value: Any, key: str) -> Any:
+    def check(
+        self, check: Check, value: Any, key: str, redact: Callable[[Any], Any] | None = None
+    ) -> Any:
         try:
             return check(value)
         except (ValueError, OSError) as exc:
-            self.problem(key, value, f"got {_show(value)}; {exc}")
+            shown = redact(value) if redact else value  # a refused URL may carry a password
+            self.problem(key, shown, f"got {_show(shown)}; {exc}")
             return _INVALID
 
     def coerce(self, tp: Any, raw: Any, key: str, meta: Mapping[str, Any]) -> Any:
@@ -602,6 +627,18 @@ class _Loader:
                 f"research.host/research.port {research.host}:{research.port} is the same endpoint"
                 f"{same_ae} as staging ({staging.ae_title}@{staging.host}:{staging.port}); "
                 "de-identified data must go to another PACS: fix research.host or research.port",
+            )
+        review = settings.review
+        if (
+            self.valid("review.database", "review.password_file")
+            and review.password_file is not None
+            and "://" not in review.database
+        ):
+            self.problem(
+                "review.password_file",
+                str(review.password_file),
+                "a password file is for a postgresql:// review database; review.database is a "
+                "SQLite file, which has no password: remove review.password_file",
             )
         if self.valid("local.ae_title", "staging.ae_title") and (
             settings.local.ae_title == staging.ae_title

@@ -17,7 +17,8 @@ import structlog
 
 from anonpipe import logs
 from tests.harness.orthanc import OrthancFactory, OrthancServer, wait_for_stopped
-from tests.harness.reviewdb import ReviewDB
+from tests.harness.postgres import PostgresServer
+from tests.harness.reviewdb import DEFAULT_PREFIX, ReviewDB
 from tests.harness.studygen import Manifest, generate
 
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -101,6 +102,47 @@ def study_factory(
 def review_db(tmp_path: Path) -> ReviewDB:
     """An empty django-dicom-review database (prefix ``dicom_staging_``) in ``tmp_path``."""
     return ReviewDB.create(tmp_path / "review.db")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (Debian ``postgresql``), started once on first use and stopped
+    at the end of the session, also after failures; its folder is removed then."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def review_db_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., ReviewDB]]:
+    """Empty review databases: ``review_db_factory("sqlite" | "postgresql", prefix=...)``.
+
+    SQLite files go to ``tmp_path``; PostgreSQL databases to :func:`postgres_server` (started
+    only when a test asks for one) and are dropped at teardown.
+    """
+    made: list[ReviewDB] = []
+
+    def make(backend: str, prefix: str = DEFAULT_PREFIX) -> ReviewDB:
+        if backend == "postgresql":
+            server: PostgresServer = request.getfixturevalue("postgres_server")
+            db = ReviewDB.create_postgresql(server, prefix)
+        elif backend == "sqlite":
+            name = "review.db" if not made else f"review-{len(made)}.db"
+            db = ReviewDB.create(tmp_path / name, prefix)
+        else:
+            raise ValueError(f"backend must be 'sqlite' or 'postgresql', got {backend!r}")
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        if db.postgresql:
+            db.drop()
 
 
 def _reset_logging() -> None:

@@ -58,14 +58,14 @@ def test_check_config_shows_the_effective_peers_when_none_are_listed(
     assert re.search(r"^#.*effective.*PACS.*10\.0\.0\.5", out, re.MULTILINE), out
 
 
-def test_check_config_redacts_the_database_password(
+def test_check_config_refuses_a_database_password_without_showing_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = config(tmp_path, '[review]\ndatabase = "postgresql://anon:s3cret@db/review"\n')
-    assert main(["check-config", "-c", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "s3cret" not in out
-    assert 'review.database = "postgresql://anon:***@db/review"' in out
+    assert main(["check-config", "-c", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "s3cret" not in captured.out + captured.err
+    assert "review.database" in captured.err and "password_file" in captured.err
 
 
 def test_check_config_uses_the_environment_variable(

@@ -88,6 +88,7 @@ EXTRAS = {
     },
     "staging": {"connect_timeout": 10},
     "research": {"connect_timeout": 10, "push_associations": 1, "retries": 3, "retry_backoff": 2.0},
+    "review": {"password_file": ""},
     "anon": {"date_shift_days": [-365, -1], "jobs": 0, "safe_private": []},
     "logging": {"level": "info", "format": "auto"},
 }
@@ -219,6 +220,58 @@ def test_database_url_is_not_treated_as_a_path(tmp_path: Path) -> None:
     url = "postgresql://review@db.example:5432/review"
     path = write(tmp_path, f'[review]\ndatabase = "{url}"\n')
     assert load_settings(path, {}).review.database == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://anon:s3cret@db.example/review",
+        "postgres://anon:s3cret@db.example:5433/review?sslmode=require",
+        "postgresql://db.example/review?user=anon&password=s3cret",
+    ],
+    ids=["user-password", "postgres-scheme", "password-parameter"],
+)
+def test_a_password_in_the_database_url_is_refused_and_never_shown(
+    tmp_path: Path, url: str
+) -> None:
+    (problem,) = problems(write(tmp_path, f'[review]\ndatabase = "{url}"\n'))
+    assert problem.key == "review.database"
+    assert "password_file" in problem.message and "PGPASSWORD" in problem.message
+    assert "s3cret" not in str(problem) and "s3cret" not in json.dumps(problem.value)
+    assert "***" in str(problem)
+
+
+def test_password_file_is_resolved_and_must_be_private(tmp_path: Path) -> None:
+    secret = tmp_path / "review.pass"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    secret.chmod(0o600)
+    url = "postgresql://anon@db.example/review"
+    text = f'[review]\ndatabase = "{url}"\npassword_file = "review.pass"\n'
+    assert load_settings(write(tmp_path, text), {}).review.password_file == secret
+    assert settings_as_dict(load_settings(write(tmp_path, text), {}))["review"] == {
+        "database": url,
+        "password_file": str(secret),
+        "table_prefix": "dicom_staging_",
+        "poll_interval": 30.0,
+    }
+
+    secret.chmod(0o644)
+    (problem,) = problems(write(tmp_path, text))
+    assert problem.key == "review.password_file" and "chmod 600" in problem.message
+    assert "s3cret" not in str(problem)
+
+    secret.unlink()
+    (problem,) = problems(write(tmp_path, text))
+    assert problem.key == "review.password_file" and "file not found" in problem.message
+
+
+def test_password_file_with_a_sqlite_database_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "review.pass"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    secret.chmod(0o600)
+    text = '[review]\ndatabase = "review.db"\npassword_file = "review.pass"\n'
+    (problem,) = problems(write(tmp_path, text))
+    assert problem.key == "review.password_file" and "postgresql://" in problem.message
 
 
 def test_environment_variable_names_the_file(tmp_path: Path) -> None:

@@ -8,6 +8,12 @@ value, a patient's date offset, is drawn at first sight and stored. identity.db 
 Each worker process opens its own :class:`IdentityStore` (never one opened before a fork) on the
 same WAL-mode file; racers agree because a first sight is ``INSERT OR IGNORE`` then ``SELECT`` in
 one ``BEGIN IMMEDIATE`` transaction. Original values never appear in logs or exception messages.
+
+A file anonpipe did not create (the old pipeline's identity.db, anything without our ``meta``
+table) is refused before anything is written to it: it is imported instead
+(:mod:`anonpipe.anon.legacy`). Imported mappings (the old pipeline's cleaned UIDs, accession
+numbers and patient pseudonyms) answer before the keyed codes, so a study it already published
+keeps its identifiers when it is pulled again.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import secrets
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +37,11 @@ from anonpipe.durable import fsync_path
 
 #: Length of a generated key, and the minimum accepted, in bytes.
 KEY_BYTES: Final = 32
-#: 2 added ``study_patient`` (one patient per original study); version 1 files are migrated.
-SCHEMA_VERSION: Final = 2
+#: 2 added ``study_patient`` (one patient per original study); 3 added ``imported_uid`` and
+#: ``imported_study`` (mappings imported from the old pipeline). Older files are migrated.
+SCHEMA_VERSION: Final = 3
+#: Versions this release opens (older ones are migrated when opened for writing).
+READABLE_VERSIONS: Final = ("1", "2", str(SCHEMA_VERSION))
 #: Who is one patient: the Patient ID alone, or the Patient ID within its issuer.
 PATIENT_KEYS: Final = ("id", "id+issuer")
 #: Tables for remapped UIDs, by the ``kind`` accepted by :meth:`IdentityStore.uid`.
@@ -73,7 +82,19 @@ _SCHEMA: Final = (
     " patient_name TEXT NOT NULL, date_offset_days INTEGER NOT NULL, id_digest TEXT NOT NULL,"
     " issuer_digest TEXT NOT NULL, name_digest TEXT NOT NULL,"
     f" created TEXT NOT NULL DEFAULT ({_NOW}))",
+    # Version 3. UIDs the old pipeline published, by original, whatever attribute holds them
+    # (a reference must resolve to the same old UID); they are in studyuid/seriesuid/
+    # sopinstanceuid too, for linking.
+    "CREATE TABLE IF NOT EXISTS imported_uid (original TEXT PRIMARY KEY, cleaned TEXT NOT NULL,"
+    f" kind TEXT NOT NULL, created TEXT NOT NULL DEFAULT ({_NOW}))",
+    # The patient pseudonyms each old study was published under (the old pipeline had one per
+    # study): the study keeps them when it is pulled again; original_patient is for linking.
+    "CREATE TABLE IF NOT EXISTS imported_study (study TEXT PRIMARY KEY, original_patient TEXT,"
+    f" patient TEXT, patient_name TEXT, created TEXT NOT NULL DEFAULT ({_NOW}))",
+    "CREATE INDEX IF NOT EXISTS imported_study_patient ON imported_study (patient)",
 )
+#: ``meta`` row present once an import added something: lookups consult imported rows first.
+IMPORTED_META: Final = "legacy_import"
 
 
 class IdentityError(Exception):
@@ -123,6 +144,12 @@ def _hmac(key: bytes, message: bytes) -> bytes:
 def _code(key: bytes, message: bytes, length: int) -> str:
     """Upper-case base32 (A-Z, 2-7) of the HMAC: valid in SH, LO and PN, no padding."""
     return base64.b32encode(_hmac(key, message)).decode("ascii")[:length]
+
+
+def keyed_patient(key: bytes, patient_id: str, issuer: str = "") -> tuple[str, str]:
+    """The keyed Patient ID (LO) and Patient's Name (PN) of a patient: ``AP…`` and ``ANON^…``."""
+    code = _code(key, f"patient:{issuer}\0{patient_id}".encode(), 10)
+    return "AP" + code, "ANON^" + code
 
 
 def keyed_uid(key: bytes, original: str) -> str:
@@ -200,6 +227,92 @@ def _read_key(path: Path) -> bytes:
     return key
 
 
+def _inspect_store(path: Path) -> dict[str, str] | None:
+    """The ``meta`` rows of identity.db at `path`; None when it is absent, empty or has no table
+    (ours to set up).
+
+    Reads without creating or changing anything: ``immutable=1`` when no WAL file exists (then
+    the main file holds everything), else ``mode=ro``, which may add the WAL index of a WAL
+    database in use. An old pipeline's identity.db stays byte-identical.
+
+    Raises
+    ------
+    IdentityError
+        If the file is not an SQLite database, or not one anonpipe created (no ``meta`` with a
+        schema version): the message names the file and the import command.
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(16)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # creating it will say what is wrong with its folder
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read identity store {path}: {exc.strerror}; make the file readable by this"
+            " user"
+        ) from exc
+    if not header:
+        return None
+    if header != b"SQLite format 3\x00":
+        raise IdentityError(
+            f"identity store {path}: file is not a database; restore it from a backup or move it"
+            " aside to start a new one"
+        )
+    mode = "mode=ro" if Path(f"{path}-wal").exists() else "immutable=1"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            names = {
+                str(row[0])
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND name NOT LIKE 'sqlite%'"
+                )
+            }
+            meta: dict[str, str] = {}
+            with contextlib.suppress(sqlite3.Error):  # a meta table of another layout
+                meta = {str(k): str(v) for k, v in conn.execute("SELECT name, value FROM meta")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise IdentityError(
+            f"identity store {path}: {exc}; restore it from a backup or move it aside to start"
+            " a new one"
+        ) from exc
+    if not names:
+        return None
+    if "schema_version" not in meta:
+        raise IdentityError(
+            f"identity store {path} was not created by anonpipe (no anonpipe meta table: the old"
+            " pipeline's identity.db?) and anonpipe never changes such a file; point [anon]"
+            f" identity_db at a new file, then import the old mappings: anonpipe import-identity"
+            f" {path}"
+        )
+    return meta
+
+
+def check_store(path: Path) -> None:
+    """Refuse at start-up, reading only, an identity.db anonpipe did not create or cannot read
+    (another schema version); absent is fine (it is created at first use).
+
+    Raises
+    ------
+    IdentityError
+        With the file, the reason and the fix (for a foreign file: the import command).
+    """
+    meta = _inspect_store(path)
+    if meta is not None and meta.get("schema_version") not in READABLE_VERSIONS:
+        raise _version_error(path, meta.get("schema_version"))
+
+
+def _version_error(path: Path, version: str | None) -> IdentityError:
+    return IdentityError(
+        f"identity store {path} has schema version {version}, this anonpipe reads version"
+        f" {SCHEMA_VERSION}; use a matching anonpipe release"
+    )
+
+
 class IdentityStore:
     """The identity store: keyed pseudonyms, recorded in identity.db.
 
@@ -245,13 +358,15 @@ class IdentityStore:
         self._key = key
         self._shift = (low, high)
         self._in_transaction = False
-        self._seen: dict[str, set[str]] = {table: set() for table in MAP_TABLES}
-        self._pending: dict[str, set[str]] = {table: set() for table in MAP_TABLES}
+        # per table: what each original (the seen key) was replaced by, committed or pending
+        self._seen: dict[str, dict[str, str]] = {table: {} for table in MAP_TABLES}
+        self._pending: dict[str, dict[str, str]] = {table: {} for table in MAP_TABLES}
         self._patients: dict[tuple[str, str], PatientPseudonym] = {}
         self._pending_patients: dict[tuple[str, str], PatientPseudonym] = {}
         self._studies: dict[str, tuple[PatientPseudonym, tuple[str, str, str]]] = {}
         self._pending_studies: dict[str, tuple[PatientPseudonym, tuple[str, str, str]]] = {}
         self._has_study_table = True
+        self._has_imports = False  # set from meta: whether imported rows must be consulted
         self._conn: sqlite3.Connection | None = None
         try:
             self._conn = self._open_readonly() if readonly else self._open()
@@ -264,6 +379,7 @@ class IdentityStore:
     # -- opening --------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
+        self._preflight(readable=READABLE_VERSIONS)
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -287,13 +403,20 @@ class IdentityStore:
                 "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
                 [("schema_version", str(SCHEMA_VERSION)), ("key_fingerprint", self._fingerprint)],
             )
-            # version 1 lacked study_patient, which the schema above has just created
+            # versions 1 and 2 lacked tables the schema above has just created
             conn.execute(
-                "UPDATE meta SET value = ? WHERE name = 'schema_version' AND value = '1'",
+                "UPDATE meta SET value = ? WHERE name = 'schema_version' AND value IN ('1', '2')",
                 (str(SCHEMA_VERSION),),
             )
         self._check_meta(conn)
         return conn
+
+    def _preflight(self, readable: tuple[str, ...]) -> None:
+        """Refuse, before anything is written (not even a mode repair), a file anonpipe did not
+        create, a version this release cannot read, or a store of another key."""
+        meta = _inspect_store(self.path)
+        if meta is not None:
+            self._judge_meta(meta, readable)
 
     @staticmethod
     def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -311,6 +434,7 @@ class IdentityStore:
     def _open_readonly(self) -> sqlite3.Connection | None:
         if not self.path.exists():
             return None  # nothing stored yet: every answer is computed
+        self._preflight(readable=READABLE_VERSIONS)
         uri = self.path.resolve().as_uri() + "?mode=ro"
         conn = self._conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -320,7 +444,8 @@ class IdentityStore:
             conn.close()
             return None
         self._has_study_table = "study_patient" in names  # a version 1 file, not migrated here
-        self._check_meta(conn, readable=("1", str(SCHEMA_VERSION)))
+        self._check_meta(conn, readable=READABLE_VERSIONS)
+        self._has_imports &= {"imported_uid", "imported_study"} <= names
         return conn
 
     @property
@@ -331,11 +456,12 @@ class IdentityStore:
         self, conn: sqlite3.Connection, readable: tuple[str, ...] = (str(SCHEMA_VERSION),)
     ) -> None:
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+        self._judge_meta(meta, readable)
+        self._has_imports = IMPORTED_META in meta
+
+    def _judge_meta(self, meta: dict[str, str], readable: tuple[str, ...]) -> None:
         if meta.get("schema_version") not in readable:
-            raise IdentityError(
-                f"identity store {self.path} has schema version {meta.get('schema_version')},"
-                f" this anonpipe reads version {SCHEMA_VERSION}; use a matching anonpipe release"
-            )
+            raise _version_error(self.path, meta.get("schema_version"))
         if meta.get("key_fingerprint") != self._fingerprint:
             raise IdentityError(
                 f"identity store {self.path} was written with a different pseudonym key; use the"
@@ -403,7 +529,7 @@ class IdentityStore:
             seen = self._seen[table]
             if len(seen) + len(pending) > CACHE_LIMIT:
                 seen.clear()
-            seen |= pending
+            seen.update(pending)
             pending.clear()
         if len(self._patients) + len(self._pending_patients) > CACHE_LIMIT:
             self._patients.clear()
@@ -442,8 +568,26 @@ class IdentityStore:
                 f"INSERT OR IGNORE INTO {table} (original, cleaned) VALUES (?, ?)",
                 (original, cleaned),
             )
-            self._pending[table].add(seen_key)
+            self._pending[table][seen_key] = cleaned
         return cleaned
+
+    def _mapped(
+        self, table: str, original: str, keyed: Callable[[], str], imported: str | None
+    ) -> str:
+        """The replacement of `original` in `table`: cached, else imported (from the table
+        `imported`, consulted only once an import added rows), else `keyed`; then recorded."""
+        known = self._seen[table].get(original) or self._pending[table].get(original)
+        if known is not None:
+            return known
+        cleaned = self._imported(imported, original) if imported else None
+        return self._record(table, original, original, cleaned or keyed())
+
+    def _imported(self, table: str, original: str) -> str | None:
+        if not self._has_imports or self._conn is None:
+            return None
+        row = self._execute(f"SELECT cleaned FROM {table} WHERE original = ?", (original,))
+        found = row.fetchone()
+        return None if found is None else str(found[0])
 
     def patient(self, patient_id: str, issuer: str = "") -> PatientPseudonym:
         """Return the pseudonym of one patient (an empty Patient ID is an ID like any other).
@@ -467,19 +611,21 @@ class IdentityStore:
             return known
         row = self._execute(select, params).fetchone() if self._conn else None
         if row is None and self.readonly:
-            code = self._patient_code(patient_id, issuer)
-            row = ("AP" + code, "ANON^" + code, self._derived_offset(patient_id, issuer))
+            row = (*keyed_patient(self._key, patient_id, issuer), self._derived_offset(*ident))
         if row is not None:
             found = PatientPseudonym(*row)
             (self._pending_patients if self._in_transaction else self._patients)[ident] = found
             return found
         low, high = self._shift
-        code = self._patient_code(patient_id, issuer)
         with self._writing():
             self._execute(
                 "INSERT OR IGNORE INTO patient (original, issuer, cleaned, cleaned_name,"
                 " date_offset_days) VALUES (?, ?, ?, ?, ?)",
-                (*ident, "AP" + code, "ANON^" + code, low + secrets.randbelow(high - low + 1)),
+                (
+                    *ident,
+                    *keyed_patient(self._key, patient_id, issuer),
+                    low + secrets.randbelow(high - low + 1),
+                ),
             )
             found = PatientPseudonym(*self._execute(select, params).fetchone())
             self._pending_patients[ident] = found
@@ -511,7 +657,7 @@ class IdentityStore:
                 (study_uid,),
             ).fetchone()
             if row is None and not self.readonly:
-                pseudonym = self.patient(identity.key, identity.issuer)
+                pseudonym = self._as_published(study_uid, identity)
                 with self._writing():
                     self._execute(
                         "INSERT OR IGNORE INTO study_patient (study, patient, patient_name,"
@@ -529,18 +675,33 @@ class IdentityStore:
                 target = self._pending_studies if self._in_transaction else self._studies
                 target[study_uid] = bound
         if bound is None:  # read-only, never stored
-            return self.patient(identity.key, identity.issuer), ()
+            return self._as_published(study_uid, identity), ()
         pseudonym, first = bound
         differ = tuple(
             name for name, a, b in zip(IDENTITY_ATTRIBUTES, first, digests, strict=True) if a != b
         )
         return pseudonym, differ
 
+    def _as_published(self, study_uid: str, identity: PatientIdentity) -> PatientPseudonym:
+        """The patient's pseudonym, or for a study the old pipeline published (imported), the
+        Patient ID and Name it was published under: pulled again, it must not arrive as another
+        patient's study. The date offset is the patient's."""
+        pseudonym = self.patient(identity.key, identity.issuer)
+        if not self._has_imports or self._conn is None:
+            return pseudonym
+        row = self._execute(
+            "SELECT patient, patient_name FROM imported_study WHERE study = ?", (study_uid,)
+        ).fetchone()
+        if row is None:
+            return pseudonym
+        return PatientPseudonym(
+            row[0] or pseudonym.patient_id,
+            row[1] or pseudonym.patient_name,
+            pseudonym.date_offset_days,
+        )
+
     def _digest(self, kind: str, value: str) -> str:
         return _hmac(self._key, f"identity:{kind}\0{value}".encode()).hex()[:24]
-
-    def _patient_code(self, patient_id: str, issuer: str) -> str:
-        return _code(self._key, f"patient:{issuer}\0{patient_id}".encode(), 10)
 
     def _derived_offset(self, patient_id: str, issuer: str) -> int:
         low, high = self._shift
@@ -548,9 +709,16 @@ class IdentityStore:
         return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
 
     def accession(self, original: str) -> str:
-        """Return (and record) the Accession Number replacing `original`: 14 characters, SH."""
-        cleaned = "AC" + _code(self._key, b"accession:" + original.encode(), 12)
-        return self._record("accession_no", original, original, cleaned)
+        """Return (and record) the Accession Number replacing `original`: 14 characters, SH.
+
+        One imported from the old pipeline (a row of ``accession_no``) answers first.
+        """
+        return self._mapped(
+            "accession_no",
+            original,
+            lambda: "AC" + _code(self._key, b"accession:" + original.encode(), 12),
+            "accession_no",
+        )
 
     def study_id(self, original: str) -> str:
         """Return (and record) the Study ID replacing `original`: 12 characters, SH."""
@@ -562,7 +730,10 @@ class IdentityStore:
         self._record("patient_name", f"{original_name}\0{cleaned}", original_name, cleaned)
 
     def uid(self, original: str, kind: str = "uid") -> str:
-        """Return :func:`keyed_uid` of `original` and record it in the table for `kind`.
+        """Return the UID replacing `original` and record it in the table for `kind`.
+
+        The UID the old pipeline published for it, when imported (``imported_uid``, whatever
+        the kind: references resolve), else :func:`keyed_uid`.
 
         Raises
         ------
@@ -571,7 +742,7 @@ class IdentityStore:
         """
         if kind not in UID_KINDS:
             raise ValueError(f"kind: expected one of {', '.join(UID_KINDS)}, got {kind!r}")
-        return self._record(kind, original, original, keyed_uid(self._key, original))
+        return self._mapped(kind, original, lambda: keyed_uid(self._key, original), "imported_uid")
 
     def lookup_original(self, table: str, cleaned: str) -> str | None:
         """Return the original that `cleaned` replaced in `table`, or None if none is stored.

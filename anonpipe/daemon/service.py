@@ -15,11 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from anonpipe.anon.identity import check_store
 from anonpipe.config import Settings
 from anonpipe.daemon.control import ControlServer
 from anonpipe.daemon.lock import DataDirLock
 from anonpipe.daemon.notify import Notifier
-from anonpipe.daemon.reviewdb import ReviewDatabase
+from anonpipe.daemon.reviewdb import review_database
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.runner import (
     PeerOutage,
@@ -63,7 +64,11 @@ class Service:
         self.settings = settings
         self.notifier = notifier or Notifier()
         self.store = StateStore(state_store_path(settings))
-        self.review = ReviewDatabase(settings.review.database, settings.review.table_prefix)
+        self.review = review_database(
+            settings.review.database,
+            settings.review.table_prefix,
+            password_file=settings.review.password_file,
+        )
         self.registry = LandingRegistry()
         data_dir = settings.pipeline.data_dir
         self.guard = MisrouteGuard(data_dir / "misroute.json")
@@ -99,6 +104,8 @@ class Service:
         hook = resolve_hook(
             self.settings.pipeline.post_anon_hook, self.settings.pipeline.hook_files
         )
+        # An identity.db anonpipe did not create (the old pipeline's) stops start-up unchanged.
+        check_store(self.settings.anon.identity_db)
         await self.review.check()
         self.lock.acquire()
         try:

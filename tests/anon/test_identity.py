@@ -6,6 +6,7 @@ import multiprocessing
 import re
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ def test_database_is_0600_in_wal_mode_with_the_documented_tables(tmp_path: Path)
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         meta = dict(conn.execute("SELECT name, value FROM meta"))
     assert {"patient", "accession_no", "studyuid", "patient_name", *UID_KINDS} <= tables
-    assert meta["schema_version"] == "2"
+    assert meta["schema_version"] == "3"
 
 
 def test_loose_database_mode_is_repaired(tmp_path: Path) -> None:
@@ -420,7 +421,8 @@ def test_a_version_1_store_is_migrated_and_keeps_its_pseudonyms(tmp_path: Path) 
         before = {pid: store.patient(pid) for pid in IDS[:5]}
         with_issuer = store.patient("PIDX", "OLD ISSUER")
     with sqlite3.connect(db) as conn:  # what an anonpipe of schema version 1 left behind
-        conn.execute("DROP TABLE study_patient")
+        for table in ("study_patient", "imported_uid", "imported_study"):
+            conn.execute(f"DROP TABLE {table}")
         conn.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
         # a version-1 store keyed on (id, issuer): the same ID under an issuer, stored first
         conn.execute("UPDATE patient SET issuer = 'OLD ISSUER' WHERE original = 'PIDX'")
@@ -432,4 +434,29 @@ def test_a_version_1_store_is_migrated_and_keeps_its_pseudonyms(tmp_path: Path) 
         assert store.study_patient("9.9", PatientIdentity("PID000", "", ""))[0] == before["PID000"]
     with sqlite3.connect(db) as conn:
         version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-    assert version == ("2",)
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert version == ("3",) and {"study_patient", "imported_uid", "imported_study"} <= tables
+
+
+def test_a_version_2_store_is_migrated_and_a_newer_one_refused_unchanged(tmp_path: Path) -> None:
+    db = tmp_path / "identity.db"
+    with IdentityStore(db, KEY) as store:
+        known = store.uid("1.2.3", "studyuid")
+    with sqlite3.connect(db) as conn:  # what an anonpipe of schema version 2 left behind
+        conn.execute("DROP TABLE imported_uid")
+        conn.execute("DROP TABLE imported_study")
+        conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+    with IdentityStore(db, KEY, readonly=True) as store:  # readable before it is migrated
+        assert store.uid("1.2.3", "studyuid") == known
+    with IdentityStore(db, KEY) as store:
+        assert store.uid("1.2.3", "studyuid") == known
+    assert count(db, "imported_uid") == 0
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE meta SET value = '9' WHERE name = 'schema_version'")
+    before = _snapshot(tmp_path)
+    with pytest.raises(IdentityError, match="schema version 9"):
+        IdentityStore(db, KEY)
+    after = _snapshot(tmp_path)  # refused before the schema statements ran (the WAL index of
+    after.pop("identity.db-shm", None)  # a WAL file is shared memory, not content)
+    before.pop("identity.db-shm", None)
+    assert after == before

@@ -6,6 +6,8 @@ import datetime
 import hashlib
 import io
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,20 +20,43 @@ from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site
 from tests.harness.orthanc import OrthancFactory
 from tests.harness.ports import LOOPBACK
+from tests.harness.postgres import PostgresServer
 from tests.harness.tls import TestPki, orthanc_tls
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
+def _site(
+    orthanc_factory: OrthancFactory, tmp_path: Path, postgres: PostgresServer | None = None
+) -> Site:
     staging = orthanc_factory("STAGING")
     research = orthanc_factory("RESEARCH")
     socket_dir = Path(tempfile.mkdtemp(prefix="anonpipe-", dir="/tmp"))
     built, _port = build_site(
-        tmp_path / "site", staging, research, socket_path=socket_dir / "control.sock"
+        tmp_path / "site",
+        staging,
+        research,
+        socket_path=socket_dir / "control.sock",
+        postgres=postgres,
     )
+    return built
+
+
+@pytest.fixture
+def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
+    yield _site(orthanc_factory, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def site_on_each_backend(
+    request: pytest.FixtureRequest, orthanc_factory: OrthancFactory, tmp_path: Path
+) -> Iterator[Site]:
+    """The site with its review DB on SQLite, then on the test PostgreSQL server."""
+    postgres = request.getfixturevalue("postgres_server") if request.param == "postgresql" else None
+    built = _site(orthanc_factory, tmp_path, postgres)
     yield built
+    if built.review.postgresql:
+        built.review.drop()
 
 
 def _only_run(site: Site) -> RunDir:
@@ -39,7 +64,8 @@ def _only_run(site: Site) -> RunDir:
     return run
 
 
-def test_run_once_delivers_exactly_the_approved_studies(site: Site) -> None:
+def test_run_once_delivers_exactly_the_approved_studies(site_on_each_backend: Site) -> None:
+    site = site_on_each_backend
     assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
 
     research = site.research
@@ -124,12 +150,13 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_practice_run_pushes_nothing_and_changes_no_database(site: Site) -> None:
-    review_before = _digest(site.review.path)
+def test_practice_run_pushes_nothing_and_changes_no_database(site_on_each_backend: Site) -> None:
+    site = site_on_each_backend
+    review_before = site.review.fingerprint()  # the file, or every row and its version (xmin)
     identity = site.root / "identity.db"
     assert cli.main(["run-once", "-c", str(site.config_path), "--practice"]) == 0
     assert site.research.instances() == []
-    assert _digest(site.review.path) == review_before
+    assert site.review.fingerprint() == review_before
     assert not identity.exists() and not (site.root / "anon.key").exists()
     run = _only_run(site)
     assert run.has("post_anon_output_practice.txt") and not run.has("post_anon_output.txt")
@@ -166,6 +193,62 @@ def test_no_push_stops_after_the_hook_and_max_limits_the_run(site: Site) -> None
     assert run.has("post_anon_output.txt") and run.has("done.txt")
     assert not run.has("push_output.txt")
     assert (site.root / "identity.db").exists()  # a real run: the pseudonyms are kept
+
+
+def test_reviews_written_during_a_run_neither_block_nor_get_lost(
+    site_on_each_backend: Site,
+) -> None:
+    """The review app stays in use during a run: another connection keeps adding reviewed
+    studies, second reviews of the studies in the run and edits of their impressions. None of
+    its writes waits on anonpipe, none is lost or overwritten by the write-back, and the run
+    delivers exactly what it would have delivered alone."""
+    site = site_on_each_backend
+    db = site.review
+    in_run = [db.find_study(uid).id for uid in site.approved_uids]
+    running = threading.Event()
+    finished = threading.Event()
+    added: list[int] = []
+    seconds: list[float] = []
+    impressions: dict[int, str] = {}
+
+    def reviewer() -> None:
+        running.wait()
+        n = 0
+        while not finished.is_set():
+            started = time.monotonic()
+            added.append(db.add_rejected_phi(f"2.25.777{n:05d}", comment=f"new {n}"))
+            study = in_run[n % len(in_run)]
+            db.add_review(study, user_id=100 + n, comment=f"second look {n}")
+            impressions[study] = f"impression {n}"
+            db.update_study(study, impression=impressions[study])
+            seconds.append(time.monotonic() - started)
+            n += 1
+            finished.wait(0.02)  # a busy review app, not a benchmark
+
+    thread = threading.Thread(target=reviewer)
+    thread.start()
+    try:
+        running.set()
+        assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    finally:
+        finished.set()
+        thread.join()
+
+    assert len(seconds) >= 20, f"only {len(seconds)} writes during the run: no overlap to test"
+    assert max(seconds) < 2.0, f"a reviewer's write waited {max(seconds):.1f} s"
+    for study_id in added:  # every reviewed study the app added is there, untouched
+        row = db.get_study(study_id)
+        assert not row.image_published and not row.processing_error
+        assert [r.has_phi for r in db.reviews(study_id)] == [True]
+    for study_id, impression in impressions.items():  # the write-back kept the app's edits
+        assert db.get_study(study_id).impression == impression
+        assert len(db.reviews(study_id)) >= 2
+    published_uids = set(site.research.study_instance_uids())
+    for study_id in in_run:
+        row = db.get_study(study_id)
+        assert row.image_published and row.study_uid in published_uids
+    assert len(site.research.studies()) == len(site.approved_uids)
+    assert len(site.research.instances()) == site.expected_instances()
 
 
 def test_a_whole_run_at_debug_level_logs_no_identifier(

@@ -1,4 +1,5 @@
-"""A whole site on one machine: staging and research Orthanc, a review DB, studies, a config file.
+"""A whole site on one machine: staging and research Orthanc, a review DB (SQLite, or PostgreSQL
+on a given server), studies, a config file.
 
 Used by the end-to-end tests, the one-command demo (``scripts/demo.py``) and ``bench/e2e.py``,
 so all three exercise the same set-up. Every server runs on 127.0.0.1 on free ports.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from tests.harness.orthanc import OrthancServer
 from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.postgres import PostgresServer
 from tests.harness.reviewdb import ReviewDB
 from tests.harness.studygen import TINY, ImageSize, Manifest, generate
 
@@ -91,7 +93,7 @@ port = {site.research.dicom_port}
 retry_backoff = 0.5
 
 [review]
-database = "{site.review.path}"
+database = "{site.review.database}"
 poll_interval = 2
 
 [pipeline]
@@ -132,16 +134,21 @@ def build_site(
     *,
     socket_path: Path | None = None,
     seed: int = 1000,
+    postgres: PostgresServer | None = None,
 ) -> tuple[Site, int]:
     """Generate and load the studies, fill the review DB, write the config.
 
-    *staging* and *research* must be running. Returns the site and the port our SCP must use
+    *staging* and *research* must be running. The review DB is ``root/review.db`` (SQLite), or
+    a new database on *postgres* when given. Returns the site and the port our SCP must use
     (staging already maps our AE title to it).
     """
     plan = plan or StudyPlan()
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    review = ReviewDB.create(root / "review.db")
+    if postgres is not None:
+        review = ReviewDB.create_postgresql(postgres)
+    else:
+        review = ReviewDB.create(root / "review.db")
     site = Site(
         root,
         staging,

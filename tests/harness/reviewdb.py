@@ -1,13 +1,21 @@
-"""SQLite review databases in the django-dicom-review schema.
+"""Review databases in the django-dicom-review schema, on SQLite or on PostgreSQL.
 
 anonpipe reads which studies reviewers approved from the database of the django-dicom-review web
-application and writes the outcome back. Tests build that database here, table for table and
-column for column as Django created it on SQLite (see ``reference/ORIGINALS.md``), so the service
-is tested against the schema it meets in production, not against one of its own.
+application and writes the outcome back. Tests build that database here with Django's own
+migrations (:mod:`tests.harness.djangoschema`, models mirroring django-dicom-models, see
+``reference/ORIGINALS.md``), so the service is tested against the columns a site has on either
+backend, not against a schema of its own. Each schema is migrated once per process (per table
+prefix and server) into a template, then copied: a SQLite file byte for byte, a PostgreSQL
+database with ``CREATE DATABASE ... TEMPLATE``.
+
+Values go in and come out the way Django keeps them: on SQLite booleans as 0/1 and datetimes as
+local ``YYYY-MM-DD HH:MM:SS`` text; on PostgreSQL ``boolean`` and ``timestamp with time zone``.
+Rows read back are typed alike on both (bool, naive local datetime).
 
 Examples
 --------
 >>> db = ReviewDB.create(tmp_path / "review.db")            # doctest: +SKIP
+>>> db = ReviewDB.create_postgresql(postgres_server)          # doctest: +SKIP
 >>> approved = db.add_approved("2.25.1", "ACC1")             # doctest: +SKIP
 >>> db.get_study(approved).image_published                   # doctest: +SKIP
 False
@@ -15,14 +23,22 @@ False
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import urlsplit
+
+from tests.harness.djangoschema import migrate
+
+if TYPE_CHECKING:
+    from tests.harness.postgres import PostgresServer
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -39,52 +55,49 @@ DEFAULT_PREFIX = "dicom_staging_"
 #: Prefix used by very old installs.
 LEGACY_PREFIX = "staging_"
 
-#: ``<prefix>radiologystudy`` as Django's SQLite backend declares it: (name, declaration).
+#: ``<prefix>radiologystudy``: (column, kind) in the order Django creates them.
 STUDY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("id", "integer NOT NULL PRIMARY KEY AUTOINCREMENT"),
-    ("created", "datetime NOT NULL"),
-    ("modified", "datetime NOT NULL"),
-    ("original_study_uid", "varchar(64) NULL"),
-    ("study_uid", "varchar(64) NULL"),
-    ("accession_no", "varchar(20) NOT NULL"),
-    ("study_date", "datetime NULL"),
-    ("modality", "varchar(5) NULL"),
-    ("sop_class", "varchar(30) NULL"),
-    ("number_of_series", "integer NULL"),
-    ("total_images", "integer NULL"),
-    ("requested", "bool NOT NULL"),
-    ("exclude", "bool NOT NULL"),
-    ("image_published", "bool NOT NULL"),
-    ("high_risk_flag", "bool NOT NULL"),
-    ("pub_date", "datetime NULL"),
-    ("processing_error", "bool NULL"),
-    ("processing_error_date", "datetime NULL"),
-    ("processing_error_msg", "varchar(400) NULL"),
-    ("high_risk_message", "varchar(500) NULL"),
-    ("impression", "text NULL"),
+    ("id", "integer"),
+    ("created", "datetime"),
+    ("modified", "datetime"),
+    ("original_study_uid", "varchar"),
+    ("study_uid", "varchar"),
+    ("accession_no", "varchar"),
+    ("study_date", "datetime"),
+    ("modality", "varchar"),
+    ("sop_class", "varchar"),
+    ("number_of_series", "integer"),
+    ("total_images", "integer"),
+    ("requested", "bool"),
+    ("exclude", "bool"),
+    ("image_published", "bool"),
+    ("high_risk_flag", "bool"),
+    ("pub_date", "datetime"),
+    ("processing_error", "bool"),
+    ("processing_error_date", "datetime"),
+    ("processing_error_msg", "varchar"),
+    ("high_risk_message", "varchar"),
+    ("impression", "text"),
     # Foreign keys into the research database's patient and encounter tables (another
-    # database, so no REFERENCES clause here).
-    ("patient_id", "integer NOT NULL"),
-    ("encounter_id", "integer NOT NULL"),
+    # database, so plain indexed integers).
+    ("patient_id", "integer"),
+    ("encounter_id", "integer"),
 )
 
-#: ``<prefix>radiologystudyreview``; ``{study_table}`` is replaced by the study table's name.
+#: ``<prefix>radiologystudyreview``, in the order Django creates them (the foreign key last).
 REVIEW_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("id", "integer NOT NULL PRIMARY KEY AUTOINCREMENT"),
-    ("created", "datetime NOT NULL"),
-    ("modified", "datetime NOT NULL"),
-    (
-        "study_id",
-        'integer NOT NULL REFERENCES "{study_table}" ("id") DEFERRABLE INITIALLY DEFERRED',
-    ),
+    ("id", "integer"),
+    ("created", "datetime"),
+    ("modified", "datetime"),
     # The reviewer, a row of Django's auth_user (not part of this database).
-    ("user_id", "integer NOT NULL"),
-    ("has_phi", "bool NULL"),
-    ("has_reconstruction", "bool NOT NULL"),
-    ("has_protocol_series", "bool NOT NULL"),
-    ("relevant", "bool NOT NULL"),
-    ("exclude", "bool NOT NULL"),
-    ("comment", "text NULL"),
+    ("user_id", "integer"),
+    ("has_phi", "bool"),
+    ("has_reconstruction", "bool"),
+    ("has_protocol_series", "bool"),
+    ("relevant", "bool"),
+    ("exclude", "bool"),
+    ("comment", "text"),
+    ("study_id", "integer"),
 )
 
 _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -94,11 +107,13 @@ def _now() -> datetime:
     return datetime.now().replace(microsecond=0)
 
 
-def _to_db(value: Any) -> Any:
-    """Python -> SQLite the way Django stores it (datetimes as ``YYYY-MM-DD HH:MM:SS``)."""
+def _to_db(value: Any, postgresql: bool) -> Any:
+    """Python -> the column as Django stores it on the backend."""
     if isinstance(value, datetime):
+        if postgresql:  # timestamp with time zone: a naive time is local time
+            return value if value.tzinfo else value.astimezone()
         return value.isoformat(sep=" ")
-    if isinstance(value, bool):
+    if isinstance(value, bool) and not postgresql:
         return int(value)
     return value
 
@@ -106,16 +121,18 @@ def _to_db(value: Any) -> Any:
 def _from_db(value: Any, kind: str) -> Any:
     if value is None:
         return None
-    if kind.startswith("datetime"):
+    if kind == "datetime":
+        if isinstance(value, datetime):  # PostgreSQL: aware; shown as naive local time
+            return value.astimezone().replace(tzinfo=None)
         return datetime.fromisoformat(str(value))
-    if kind.startswith("bool"):
+    if kind == "bool":
         return bool(value)
     return value
 
 
 @dataclass(frozen=True)
 class StudyRow:
-    """One ``radiologystudy`` row, typed (bool columns as bool, datetimes as datetime)."""
+    """One ``radiologystudy`` row, typed (bool columns as bool, datetimes as naive local)."""
 
     id: int
     created: datetime
@@ -149,7 +166,6 @@ class ReviewRow:
     id: int
     created: datetime
     modified: datetime
-    study_id: int
     user_id: int
     has_phi: bool | None
     has_reconstruction: bool
@@ -157,73 +173,147 @@ class ReviewRow:
     relevant: bool
     exclude: bool
     comment: str | None
+    study_id: int
 
 
 _STUDY_KINDS = dict(STUDY_COLUMNS)
 _REVIEW_KINDS = dict(REVIEW_COLUMNS)
 
+# Migrated templates: SQLite file bytes per table prefix; PostgreSQL template databases per
+# (server, prefix).
+_sqlite_templates: dict[str, bytes] = {}
+_postgresql_templates: dict[tuple[Path, str], str] = {}
+
+
+def _rename_tables(db: ReviewDB) -> None:
+    """Give Django's ``dicom_staging_`` tables `db`'s prefix (the legacy ``staging_``)."""
+    if db.prefix != DEFAULT_PREFIX:
+        for suffix in ("radiologystudy", "radiologystudyreview"):
+            db.execute(f'ALTER TABLE "{DEFAULT_PREFIX}{suffix}" RENAME TO "{db.prefix}{suffix}"')
+
+
+def _sqlite_template(prefix: str) -> bytes:
+    """The bytes of a freshly migrated SQLite file (kept in memory: nothing left on disk)."""
+    if prefix not in _sqlite_templates:
+        with tempfile.TemporaryDirectory(prefix="anonpipe-review-template-") as folder:
+            path = Path(folder) / "review.db"
+            migrate(path)
+            _rename_tables(ReviewDB(path, prefix))
+            _sqlite_templates[prefix] = path.read_bytes()
+    return _sqlite_templates[prefix]
+
+
+def _postgresql_template(server: PostgresServer, prefix: str) -> str:
+    key = (server.root, prefix)  # a folder of its own per server, never reused
+    if key not in _postgresql_templates:
+        name = server.create_database("review_template")
+        migrate(server.url(name))
+        _rename_tables(ReviewDB(server.url(name), prefix))
+        _postgresql_templates[key] = name
+    return _postgresql_templates[key]
+
 
 class ReviewDB:
-    """A django-dicom-review SQLite database that tests fill and inspect.
+    """A django-dicom-review database, SQLite or PostgreSQL, that tests fill and inspect.
 
-    Every method opens its own short connection and commits, so the file is never held open
-    while the service under test reads or writes it.
+    Every method opens its own short connection and commits, so the database is never held
+    open while the service under test reads or writes it.
 
     Parameters
     ----------
-    path : Path
-        The SQLite file.
+    database : Path or str
+        The SQLite file, or a ``postgresql://`` URL (no password: the test server trusts).
     prefix : str, optional
         Table name prefix: :data:`DEFAULT_PREFIX` or :data:`LEGACY_PREFIX`.
 
     Attributes
     ----------
+    database : str
+        What ``[review] database`` says for it: the file's path or the URL.
     study_table, review_table : str
         Full table names.
     """
 
-    def __init__(self, path: Path | str, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, database: Path | str, prefix: str = DEFAULT_PREFIX) -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix must be an SQL identifier like 'dicom_staging_': {prefix!r}")
-        self.path = Path(path)
+        self.database = str(database)
+        self.postgresql = "://" in self.database
         self.prefix = prefix
         self.study_table = f"{prefix}radiologystudy"
         self.review_table = f"{prefix}radiologystudyreview"
+        self._mark = "%s" if self.postgresql else "?"
+        #: The server a PostgreSQL database was created on (for :meth:`drop`).
+        self.server: PostgresServer | None = None
+
+    @property
+    def backend(self) -> str:
+        """``"postgresql"`` or ``"sqlite"``."""
+        return "postgresql" if self.postgresql else "sqlite"
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file (TypeError for a PostgreSQL database: it has no file)."""
+        if self.postgresql:
+            raise TypeError("a PostgreSQL review database has no file; use fingerprint()")
+        return Path(self.database)
 
     @classmethod
     def create(cls, path: Path | str, prefix: str = DEFAULT_PREFIX) -> Self:
-        """Create the file (if needed) with both tables and Django's foreign-key indexes."""
+        """A new SQLite file with the tables Django's migration creates (a copy of a migrated
+        template; an existing file is migrated in place)."""
         db = cls(path, prefix)
-        db.create_schema()
+        if Path(path).exists():
+            migrate(path)
+            _rename_tables(db)
+        else:
+            Path(path).write_bytes(_sqlite_template(prefix))
         return db
 
-    def schema_sql(self) -> list[str]:
-        """The ``CREATE`` statements Django's migration would have run on SQLite."""
-        study_cols = ", ".join(f'"{name}" {decl}' for name, decl in STUDY_COLUMNS)
-        review_cols = ", ".join(
-            f'"{name}" {decl.format(study_table=self.study_table)}' for name, decl in REVIEW_COLUMNS
-        )
-        return [
-            f'CREATE TABLE "{self.study_table}" ({study_cols})',
-            f'CREATE TABLE "{self.review_table}" ({review_cols})',
-            f'CREATE INDEX "{self.study_table}_patient_id" ON "{self.study_table}" ("patient_id")',
-            f'CREATE INDEX "{self.study_table}_encounter_id" '
-            f'ON "{self.study_table}" ("encounter_id")',
-            f'CREATE INDEX "{self.review_table}_study_id" ON "{self.review_table}" ("study_id")',
-            f'CREATE INDEX "{self.review_table}_user_id" ON "{self.review_table}" ("user_id")',
-        ]
+    @classmethod
+    def create_postgresql(cls, server: PostgresServer, prefix: str = DEFAULT_PREFIX) -> Self:
+        """A new database on `server` with the tables Django's migration creates."""
+        name = server.create_database("review", template=_postgresql_template(server, prefix))
+        db = cls(server.url(name), prefix)
+        db.server = server
+        return db
 
-    def create_schema(self) -> None:
-        """Create both tables and their indexes in an empty database."""
-        with self.connect() as conn:
-            for statement in self.schema_sql():
-                conn.execute(statement)
+    def drop(self) -> None:
+        """Remove the database: the file, or the PostgreSQL database (if created here)."""
+        if not self.postgresql:
+            self.path.unlink(missing_ok=True)
+        elif self.server is not None:
+            self.server.drop_database(urlsplit(self.database).path.lstrip("/"))
 
     @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection that commits on success, rolls back on error and is always closed."""
-        with closing(sqlite3.connect(self.path)) as conn, conn:
-            yield conn
+    def connect(self) -> Iterator[Any]:
+        """A DB-API connection (sqlite3 or psycopg) that commits on success, rolls back on
+        error and is always closed."""
+        if self.postgresql:
+            import psycopg
+
+            with psycopg.connect(self.database) as pg:
+                yield pg
+        else:
+            with closing(sqlite3.connect(self.database)) as lite, lite:
+                yield lite
+
+    def execute(self, statement: str) -> None:
+        """Run one statement in its own transaction (to break the schema in a test, say)."""
+        with self.connect() as conn:
+            conn.execute(statement)
+
+    def fingerprint(self) -> str:
+        """A digest that changes with any write: the file's bytes (SQLite), or every row with
+        its row version ``xmin`` (PostgreSQL: an UPDATE that changes no value still shows)."""
+        if not self.postgresql:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        with self.connect() as conn:
+            for table in (self.study_table, self.review_table):
+                for row in conn.execute(f'SELECT xmin, * FROM "{table}" ORDER BY id'):
+                    digest.update(repr(row).encode())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ writing
 
@@ -317,11 +407,11 @@ class ReviewDB:
         unknown = set(columns) - set(_STUDY_KINDS)
         if unknown:
             raise ValueError(f"{self.study_table} has no column(s) {sorted(unknown)}")
-        assignments = ", ".join(f'"{name}" = ?' for name in columns)
+        assignments = ", ".join(f'"{name}" = {self._mark}' for name in columns)
         with self.connect() as conn:
             cursor = conn.execute(
-                f'UPDATE "{self.study_table}" SET {assignments} WHERE id = ?',
-                [*(_to_db(v) for v in columns.values()), study_id],
+                f'UPDATE "{self.study_table}" SET {assignments} WHERE id = {self._mark}',
+                [*(_to_db(v, self.postgresql) for v in columns.values()), study_id],
             )
             if cursor.rowcount != 1:
                 raise KeyError(f"no study with id {study_id}")
@@ -331,16 +421,15 @@ class ReviewDB:
         if unknown:
             raise ValueError(f"{table} has no column(s) {sorted(unknown)}")
         names = ", ".join(f'"{name}"' for name in values)
-        marks = ", ".join("?" for _ in values)
+        marks = ", ".join(self._mark for _ in values)
         with self.connect() as conn:
-            cursor = conn.execute(
-                f'INSERT INTO "{table}" ({names}) VALUES ({marks})',
-                [_to_db(v) for v in values.values()],
-            )
-            row_id = cursor.lastrowid
-        if row_id is None:
+            row = conn.execute(
+                f'INSERT INTO "{table}" ({names}) VALUES ({marks}) RETURNING id',
+                [_to_db(v, self.postgresql) for v in values.values()],
+            ).fetchone()
+        if row is None:
             raise RuntimeError(f"INSERT into {table} returned no row id")
-        return row_id
+        return int(row[0])
 
     # ------------------------------------------------------------------ typical cases
 
@@ -437,14 +526,14 @@ class ReviewDB:
 
     def get_study(self, study_id: int) -> StudyRow:
         """The study row with id `study_id` (KeyError if absent)."""
-        rows = self._select(self.study_table, "id = ?", (study_id,))
+        rows = self._select(self.study_table, "id", study_id)
         if not rows:
             raise KeyError(f"no study with id {study_id}")
         return StudyRow(**_typed(rows[0], _STUDY_KINDS))
 
     def find_study(self, original_study_uid: str) -> StudyRow:
         """The study row with this original (staging) Study Instance UID (KeyError if absent)."""
-        rows = self._select(self.study_table, "original_study_uid = ?", (original_study_uid,))
+        rows = self._select(self.study_table, "original_study_uid", original_study_uid)
         if len(rows) != 1:
             raise KeyError(f"{len(rows)} studies with original_study_uid {original_study_uid}")
         return StudyRow(**_typed(rows[0], _STUDY_KINDS))
@@ -458,20 +547,25 @@ class ReviewDB:
         rows = (
             self._select(self.review_table)
             if study_id is None
-            else self._select(self.review_table, "study_id = ?", (study_id,))
+            else self._select(self.review_table, "study_id", study_id)
         )
         return [ReviewRow(**_typed(r, _REVIEW_KINDS)) for r in rows]
 
     def _select(
-        self, table: str, where: str = "1", params: tuple[Any, ...] = ()
-    ) -> list[sqlite3.Row]:
+        self, table: str, column: str | None = None, value: Any = None
+    ) -> list[dict[str, Any]]:
+        """Rows of `table` (those whose `column` equals `value`, if given) by id, as dicts."""
+        where = f'WHERE "{column}" = {self._mark}' if column else ""
         with self.connect() as conn:
-            conn.row_factory = sqlite3.Row
-            return list(conn.execute(f'SELECT * FROM "{table}" WHERE {where} ORDER BY id', params))
+            cursor = conn.execute(
+                f'SELECT * FROM "{table}" {where} ORDER BY id', [value] if column else []
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _typed(row: sqlite3.Row, kinds: dict[str, str]) -> dict[str, Any]:
-    return {key: _from_db(row[key], kinds[key]) for key in row.keys()}  # noqa: SIM118
+def _typed(row: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
+    return {key: _from_db(value, kinds[key]) for key, value in row.items()}
 
 
 # Keep the row classes and column tables in step: a schema edit must update both.

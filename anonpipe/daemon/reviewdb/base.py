@@ -1,43 +1,38 @@
-"""The django-dicom-review database: which studies reviewers approved, and the outcome written back.
+"""The review database's rules and records, and the small interface each backend implements.
 
-The database belongs to the review web application. Reads open it read-only (``mode=ro``: no
-journal-mode or schema change, not a byte written); writes set only the write-back columns and
-``modified`` (as Django's ``auto_now`` would), in one short transaction that waits up to
-:data:`BUSY_TIMEOUT` seconds for the web application's own writes.
+Everything that decides what anonpipe does with the django-dicom-review database lives here and
+is the same on every backend: which studies are eligible, which are held for conflicting reviews
+(:data:`DISAGREEMENTS`, data that both the SQL and the Python below derive from), and which
+columns the write-back sets with which values. A backend (:class:`Backend`: one module per
+database, :mod:`.sqlite` and :mod:`.postgresql` today, a MySQL one would be a third) only opens
+short transactions, reads column names, runs the statements it is given and says how its
+datetime columns store a time. The SQL here is portable on purpose: ``TRUE``/``FALSE``
+literals, ``IS [NOT]``, ``NOT column`` and double-quoted identifiers mean the same on SQLite
+(0/1 integers) and on PostgreSQL (real booleans), so no backend carries a copy of the rules.
 
-A study is *eligible* when it is not excluded, not yet published, has no processing error, has an
-original Study Instance UID, and at least one review approves it. An eligible study that another
-review disagrees about is *held* for a human instead of picked (the old pipeline stopped the whole
-run). The disagreements are the data in :data:`DISAGREEMENTS`; SQL and Python both derive from it.
-
-Nothing here logs a UID, an accession number or a reviewer comment.
+Nothing here logs a UID, an accession number, a reviewer comment or a password.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import groupby
-from pathlib import Path
-from typing import Any, Final
-from urllib.parse import urlsplit
-
-import aiosqlite
+from typing import Any, Final, Protocol
 
 from anonpipe.logs import get_logger
 
 __all__ = [
-    "BUSY_TIMEOUT", "DISAGREEMENTS", "Candidate", "Held", "Review", "ReviewDatabase",
-    "ReviewDatabaseError", "Selection", "conflict_reason",
+    "BUSY_TIMEOUT", "DISAGREEMENTS", "Backend", "Candidate", "Held", "Review", "ReviewDatabase",
+    "ReviewDatabaseError", "Selection", "Session", "conflict_reason",
 ]  # fmt: skip
 
 _log = get_logger(__name__)
 
-#: Seconds a connection waits for a lock held by the web application before giving up.
+#: Seconds a statement waits for a lock held by the web application before giving up.
 BUSY_TIMEOUT: Final = 10.0
 
 #: What makes a review disagree: (review column, value, phrase for the operator). A review that
@@ -50,23 +45,66 @@ DISAGREEMENTS: Final[tuple[tuple[str, bool | None, str], ...]] = (
     ("exclude", True, "excludes it"),
 )
 
-#: Columns this module reads or writes, per table (checked by :meth:`ReviewDatabase.check`).
-_STUDY_COLUMNS: Final = (
+#: Columns this package reads or writes, per table (checked by :meth:`ReviewDatabase.check`).
+STUDY_COLUMNS: Final = (
     "id", "modified", "original_study_uid", "study_uid", "accession_no", "modality", "sop_class",
     "number_of_series", "total_images", "requested", "exclude", "image_published", "pub_date",
     "processing_error", "processing_error_date", "processing_error_msg",
 )  # fmt: skip
-_REVIEW_COLUMNS: Final = (
+REVIEW_COLUMNS: Final = (
     "id", "study_id", "user_id", "has_phi", "has_reconstruction", "has_protocol_series",
     "relevant", "exclude", "comment",
 )  # fmt: skip
 #: Column widths (Django ``max_length``) of free values we write; longer values are cut to fit.
 _WIDTHS: Final = {"modality": 5, "sop_class": 30, "processing_error_msg": 400}
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: SQL literals of the values in DISAGREEMENTS, the same on every backend.
+_LITERAL: Final = {True: "TRUE", False: "FALSE", None: "NULL"}
 
 
 class ReviewDatabaseError(RuntimeError):
-    """The review database is missing, unreadable, not the expected schema, or a write failed."""
+    """The review database is missing, unreachable, not the expected schema, or a write failed."""
+
+
+class Session(Protocol):
+    """One open transaction of a backend (see :meth:`Backend.transaction`)."""
+
+    async def columns(self, table: str) -> set[str]:
+        """The column names of `table`; empty when there is no such table."""
+        ...
+
+    async def fetch(self, query: str) -> list[tuple[Any, ...]]:
+        """The rows of a parameter-free SELECT."""
+        ...
+
+    async def execute(self, statement: str, params: Sequence[Any]) -> int:
+        """Run one statement (markers: :attr:`Backend.placeholder`); return the row count."""
+        ...
+
+
+class Backend(Protocol):
+    """A database that holds the django-dicom-review tables: the one part that differs.
+
+    Contract of :meth:`transaction`: it opens its own connection (read-only unless `write`),
+    and for a write a transaction that commits when the block ends normally and rolls back when
+    it raises; it waits at most :data:`BUSY_TIMEOUT` for a lock and closes the connection at the
+    end, so nothing is held between calls and the web application is never kept waiting.
+    Driver errors leave it as :class:`ReviewDatabaseError` naming :attr:`name` and never quoting
+    a row or a password; a :class:`ReviewDatabaseError` raised in the block passes through.
+    """
+
+    #: How messages name the database: the file, or the URL without any password.
+    name: str
+    #: The driver's parameter marker: ``?`` (sqlite3) or ``%s`` (psycopg).
+    placeholder: str
+
+    def transaction(self, *, write: bool) -> AbstractAsyncContextManager[Session]:
+        """A short transaction (see the class docstring)."""
+        ...
+
+    def timestamp(self, when: datetime) -> Any:
+        """`when` as this backend's datetime columns keep it (as Django stores it there)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +178,6 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _db_datetime(when: datetime) -> str:
-    """Django's SQLite text for a datetime: local time, ``YYYY-MM-DD HH:MM:SS``."""
-    if when.tzinfo is not None:
-        when = when.astimezone().replace(tzinfo=None)
-    return when.isoformat(sep=" ", timespec="seconds")
-
-
 def _review(row: Sequence[Any]) -> Review:
     """Columns as in :meth:`ReviewDatabase.select`: user_id, has_phi, four flags, comment."""
     user_id, has_phi, reconstruction, protocol, relevant, exclude, comment = row
@@ -156,76 +187,76 @@ def _review(row: Sequence[Any]) -> Review:
 
 
 class ReviewDatabase:
-    """The review web application's SQLite database; every call opens its own short connection.
+    """The review web application's database, on any :class:`Backend`.
+
+    Every call is one short transaction on a connection of its own (:meth:`Backend.transaction`):
+    reads are read-only, and writes set only the write-back columns and ``modified`` (as
+    Django's ``auto_now`` would) of exactly one study row. Build one with
+    :func:`anonpipe.daemon.reviewdb.review_database`, which picks the backend from ``[review]
+    database``.
 
     Parameters
     ----------
-    database : str or Path
-        The SQLite file (``[review] database``). A ``postgresql://`` URL is not supported yet.
+    backend : Backend
+        Where the tables are.
     table_prefix : str, optional
         Django table prefix (``[review] table_prefix``); very old installs used ``staging_``.
         ValueError unless it is an SQL identifier.
     """
 
-    def __init__(self, database: str | Path, table_prefix: str = "dicom_staging_") -> None:
-        if isinstance(database, str) and "://" in database:
-            scheme = urlsplit(database).scheme  # never echo the URL: it may hold a password
-            if scheme in ("postgresql", "postgres"):
-                raise ReviewDatabaseError(
-                    "a postgresql:// review database is not supported yet; "
-                    "set [review] database to the SQLite file of django-dicom-review"
-                )
-            raise ReviewDatabaseError(
-                f"review database URLs with scheme {scheme!r} are not supported; "
-                "set [review] database to a SQLite file path"
-            )
+    def __init__(self, backend: Backend, table_prefix: str = "dicom_staging_") -> None:
         if not _IDENTIFIER.match(table_prefix):
             raise ValueError(f"table_prefix must be an SQL identifier, got {table_prefix!r}")
-        self.path = Path(database)
-        self._warned_held: dict[int, str] = {}
+        self.backend = backend
         self.study_table = f"{table_prefix}radiologystudy"
         self.review_table = f"{table_prefix}radiologystudyreview"
+        self._warned_held: dict[int, str] = {}
 
-    @asynccontextmanager
-    async def _connect(self, *, readonly: bool) -> AsyncIterator[aiosqlite.Connection]:
-        """A connection (``mode=ro`` or ``mode=rw``, never creating the file), errors mapped."""
-        if not self.path.is_file():
-            raise ReviewDatabaseError(
-                f"review database {self.path} not found or not a file; check [review] database"
-            )
-        uri = f"{self.path.absolute().as_uri()}?mode={'ro' if readonly else 'rw'}"
-        try:
-            async with aiosqlite.connect(
-                uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None
-            ) as conn:
-                yield conn
-        except sqlite3.Error as exc:
-            raise ReviewDatabaseError(f"review database {self.path}: {exc}") from exc
+    @property
+    def name(self) -> str:
+        """The database as messages name it (never with a password)."""
+        return self.backend.name
 
-    async def _verify(self, conn: aiosqlite.Connection) -> None:
-        tables = {self.study_table: _STUDY_COLUMNS, self.review_table: _REVIEW_COLUMNS}
+    async def _verify(self, session: Session) -> None:
+        tables = {self.study_table: STUDY_COLUMNS, self.review_table: REVIEW_COLUMNS}
         for table, needed in tables.items():
-            rows = await conn.execute_fetchall("SELECT name FROM pragma_table_info(?)", (table,))
-            have = {row[0] for row in rows}
+            have = await session.columns(table)
             if not have:
                 raise ReviewDatabaseError(
-                    f"review database {self.path} has no table {table}; is it the "
+                    f"review database {self.name} has no table {table}; is it the "
                     "django-dicom-review database, and is [review] table_prefix right "
                     "(very old installs use 'staging_')?"
                 )
             missing = [column for column in needed if column not in have]
             if missing:
                 raise ReviewDatabaseError(
-                    f"review database {self.path}: table {table} lacks column(s) "
+                    f"review database {self.name}: table {table} lacks column(s) "
                     f"{', '.join(missing)}; not the django-dicom-review schema anonpipe expects"
                 )
 
     async def check(self) -> None:
-        """Open the file read-only and verify both tables and the columns used, or raise
-        :class:`ReviewDatabaseError` naming the file, and the table and columns that are missing.
+        """Open the database read-only and verify both tables and the columns used, or raise
+        :class:`ReviewDatabaseError` naming the database, and the table and columns missing.
         """
-        async with self._connect(readonly=True) as conn:
-            await self._verify(conn)
+        async with self.backend.transaction(write=False) as session:
+            await self._verify(session)
+
+    def _selection_sql(self) -> str:
+        """Eligible studies (with every review, in id order) as one portable SELECT."""
+        approves = " AND ".join(
+            f"a.{_quote(column)} IS NOT {_LITERAL[bad]}" for column, bad, _ in DISAGREEMENTS
+        )
+        return f"""
+            SELECT s.id, s.original_study_uid, s.accession_no, r.user_id, r.has_phi,
+                   r.has_reconstruction, r.has_protocol_series, r.relevant, r.exclude, r.comment
+            FROM {_quote(self.study_table)} AS s
+            JOIN {_quote(self.review_table)} AS r ON r.study_id = s.id
+            WHERE NOT s.exclude AND NOT s.image_published AND s.processing_error IS NOT TRUE
+              AND TRIM(COALESCE(s.original_study_uid, '')) <> ''
+              AND EXISTS (SELECT 1 FROM {_quote(self.review_table)} AS a
+                          WHERE a.study_id = s.id AND {approves})
+            ORDER BY s.id, r.id
+        """
 
     async def select(self, limit: int, exclude: Collection[int] = ()) -> Selection:
         """The approved studies to process next, and those held for conflicting reviews.
@@ -242,25 +273,13 @@ class ReviewDatabase:
         Selection
             `picked`: up to `limit` eligible studies no review disagrees about, by ascending id;
             `held`: every eligible study some review disagrees about, by id.
-            :class:`ReviewDatabaseError` when the file cannot be read or has another schema.
+            :class:`ReviewDatabaseError` when the database cannot be read or has another schema.
         """
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        approves = " AND ".join(f"a.{_quote(column)} IS NOT ?" for column, _, _ in DISAGREEMENTS)
-        sql = f"""
-            SELECT s.id, s.original_study_uid, s.accession_no, r.user_id, r.has_phi,
-                   r.has_reconstruction, r.has_protocol_series, r.relevant, r.exclude, r.comment
-            FROM {_quote(self.study_table)} AS s
-            JOIN {_quote(self.review_table)} AS r ON r.study_id = s.id
-            WHERE s.exclude = 0 AND s.image_published = 0 AND COALESCE(s.processing_error, 0) = 0
-              AND TRIM(COALESCE(s.original_study_uid, '')) <> ''
-              AND EXISTS (SELECT 1 FROM {_quote(self.review_table)} AS a
-                          WHERE a.study_id = s.id AND {approves})
-            ORDER BY s.id, r.id
-        """
-        async with self._connect(readonly=True) as conn:
-            await self._verify(conn)
-            rows = await conn.execute_fetchall(sql, [bad for _, bad, _ in DISAGREEMENTS])
+        async with self.backend.transaction(write=False) as session:
+            await self._verify(session)
+            rows = await session.fetch(self._selection_sql())
         picked: list[Candidate] = []
         held: list[Held] = []
         for _, group in groupby(rows, key=lambda row: row[0]):
@@ -302,7 +321,7 @@ class ReviewDatabase:
         study_id : int
             The ``radiologystudy`` row id (:attr:`Candidate.id`).
         when : datetime
-            Publication time, also stored as ``modified`` (an aware time as local time).
+            Publication time, also stored as ``modified`` (to the second; naive = local time).
         study_uid, number_of_series, total_images, modality, sop_class : optional
             The de-identified study's values; None leaves a column as it is. `modality` and
             `sop_class` are cut to their column widths (5 and 30).
@@ -312,7 +331,7 @@ class ReviewDatabase:
         ReviewDatabaseError
             When no study has that id, or the write fails.
         """
-        stamp = _db_datetime(when)
+        stamp = self.backend.timestamp(when.replace(microsecond=0))
         given = {
             "study_uid": study_uid,
             "number_of_series": number_of_series,
@@ -321,10 +340,10 @@ class ReviewDatabase:
             "sop_class": sop_class,
         }
         values: dict[str, Any] = {
-            "image_published": 1,
+            "image_published": True,
             "pub_date": stamp,
-            "requested": 1,
-            "processing_error": 0,
+            "requested": True,
+            "processing_error": False,
             "processing_error_msg": None,
             "processing_error_date": None,
             **{column: value for column, value in given.items() if value is not None},
@@ -340,34 +359,33 @@ class ReviewDatabase:
         characters; `when` is also stored as ``modified``. Raises :class:`ReviewDatabaseError`
         like :meth:`mark_published`.
         """
-        stamp = _db_datetime(when)
+        stamp = self.backend.timestamp(when.replace(microsecond=0))
         await self._update(
             study_id,
             {
-                "processing_error": 1,
+                "processing_error": True,
                 "processing_error_date": stamp,
                 "processing_error_msg": message,
-                "requested": 1,
+                "requested": True,
                 "modified": stamp,
             },
         )
         _log.info("review_marked_failed", row_id=study_id)
 
     async def _update(self, study_id: int, values: dict[str, Any]) -> None:
-        """Set `values` (strings cut to :data:`_WIDTHS`) on exactly one study row, or none."""
-        assignments = ", ".join(f"{_quote(column)} = ?" for column in values)
+        """Set `values` (strings cut to :data:`_WIDTHS`) on exactly one study row, or none.
+
+        Booleans go to the driver as Python booleans: sqlite3 stores them as the 0/1 Django
+        uses on SQLite, psycopg as PostgreSQL booleans.
+        """
+        mark = self.backend.placeholder
+        assignments = ", ".join(f"{_quote(column)} = {mark}" for column in values)
         params = [v[: _WIDTHS[c]] if c in _WIDTHS and v else v for c, v in values.items()]
-        sql = f"UPDATE {_quote(self.study_table)} SET {assignments} WHERE id = ?"
-        async with self._connect(readonly=False) as conn:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = await conn.execute(sql, [*params, study_id])
-                if cursor.rowcount != 1:
-                    raise ReviewDatabaseError(
-                        f"review database {self.path}: {cursor.rowcount} rows of "
-                        f"{self.study_table} have id {study_id}, expected exactly 1"
-                    )
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+        sql = f"UPDATE {_quote(self.study_table)} SET {assignments} WHERE id = {mark}"
+        async with self.backend.transaction(write=True) as session:
+            count = await session.execute(sql, [*params, study_id])
+            if count != 1:  # raised inside the transaction: rolled back
+                raise ReviewDatabaseError(
+                    f"review database {self.name}: {count} rows of {self.study_table} have id "
+                    f"{study_id}, expected exactly 1"
+                )
