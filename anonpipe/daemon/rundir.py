@@ -19,7 +19,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -267,9 +267,13 @@ class RunDir:
         """Append `line` to overview.txt."""
         self.append("overview.txt", line)
 
-    def overview_stream(self) -> OverviewStream:
-        """A writable text stream into overview.txt: what a hook receives as ``overview``."""
-        return OverviewStream(self)
+    def overview_stream(self, skip: Collection[str] = ()) -> OverviewStream:
+        """A writable text stream into overview.txt: what a hook receives as ``overview``.
+
+        Lines in `skip` are not written: a hook run again after a crash passes the lines that
+        were there before it, so what its interrupted run wrote is not written twice.
+        """
+        return OverviewStream(self, skip)
 
     @property
     def done(self) -> bool:
@@ -289,8 +293,9 @@ class OverviewStream:
     file=stream)`` works. Thread-safe.
     """
 
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, skip: Collection[str] = ()) -> None:
         self._run = run
+        self._skip = frozenset(skip)
         self._pending = ""
         self._lock = threading.Lock()
         self.closed = False
@@ -307,7 +312,7 @@ class OverviewStream:
             *lines, rest = buffer.replace("\r", "\n").split("\n")
             self._pending = rest + held
             for line in lines:
-                self._run.overview(line)
+                self._emit(line)
         return len(text)
 
     def writelines(self, lines: Iterable[str]) -> None:
@@ -320,7 +325,11 @@ class OverviewStream:
         with self._lock:
             pending, self._pending = self._pending.rstrip("\r"), ""
             if pending:
-                self._run.overview(pending)
+                self._emit(pending)
+
+    def _emit(self, line: str) -> None:
+        if line not in self._skip:
+            self._run.overview(line)
 
     def close(self) -> None:
         """Flush; later writes raise ValueError."""

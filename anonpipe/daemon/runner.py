@@ -137,6 +137,13 @@ async def execute_run(
         )
         if run is None:
             return None
+    elif run.state == "selecting":
+        # A crash (kill -9) interrupted the selection: make it again, into the same run folder.
+        # Resumed as it was, the run would pull nothing and end, and the next poll would start a
+        # second run for its studies.
+        run = await _select(p, max_studies or pipe.max_studies, run.practice, run.no_push, run)
+        if run is None:
+            return None
     rdir = RunDir.open(run.path)
     p.current = run.name
     try:
@@ -181,7 +188,11 @@ def failure_text(exc: BaseException) -> str:
 # -- select -------------------------------------------------------------------------------
 
 
-async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> RunRecord | None:
+async def _select(
+    p: Pipeline, limit: int, practice: bool, no_push: bool, resumed: RunRecord | None = None
+) -> RunRecord | None:
+    """Pick the studies of a new run, or of *resumed*, a run whose selection a crash cut short
+    (its folder is reused, and none of its audit lines is written twice)."""
     waiting = await p.store.deferred()
     selection = await p.review.select(limit, exclude={d.review_id for d in waiting})
     p.held = [{"study": h.candidate.id, "reason": h.reason} for h in selection.held]
@@ -189,11 +200,19 @@ async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> Run
         {"study": d.review_id, "next_try": d.next_try, "failures": d.failures, "reason": d.reason}
         for d in waiting
     ]
-    if not selection.picked:
+    if resumed is not None and await p.store.studies(resumed.name):
+        # The studies were recorded; only the step to "pulling" was lost.
+        await _advance(p, resumed.name, "pulling")
+        return await p.store.run(resumed.name)
+    if not selection.picked and resumed is None:
         return None
-    rdir = RunDir.create(p.settings.pipeline.data_dir)
-    await p.store.add_run(rdir.name, rdir.path, practice=practice, no_push=no_push)
-    rdir.overview(audit.starting(datetime.now()))
+    if resumed is None:
+        await _remove_unrecorded_runs(p)
+        rdir = RunDir.create(p.settings.pipeline.data_dir)
+        await p.store.add_run(rdir.name, rdir.path, practice=practice, no_push=no_push)
+    else:
+        rdir = RunDir.open(resumed.path)
+    _overview_once(rdir, audit.starting(datetime.now()), prefix="Starting at ")
     entries: list[tuple[str, tuple[str, ...], str | None]] = [
         (c.original_study_uid, c.comments, None) for c in selection.picked
     ]
@@ -202,9 +221,9 @@ async def _select(p: Pipeline, limit: int, practice: bool, no_push: bool) -> Run
     ]
     rdir.write_lines("comments.txt", audit.comments_lines(entries))
     rdir.write_lines("studies_to_retrieve.txt", [c.original_study_uid for c in selection.picked])
-    rdir.overview(audit.valid_reviewed(len(selection.picked)))
+    _overview_once(rdir, audit.valid_reviewed(len(selection.picked)))
     if selection.held:
-        rdir.overview(audit.held_back(len(selection.held)))
+        _overview_once(rdir, audit.held_back(len(selection.held)))
     rows: list[tuple[int, str, str, bool, str, str | None]] = [
         (c.id, c.original_study_uid, c.accession_no, c.has_protocol_series, "selected", None)
         for c in selection.picked
@@ -265,11 +284,14 @@ async def _pull_and_deidentify(p: Pipeline, run: RunRecord, rdir: RunDir) -> Non
     studies = [s for s in await p.store.studies(run.name) if s.state in ("selected", "pulling")]
     if studies:
         workers = DeidWorkers(_engine_spec(p, run, rdir), p.settings.anon.jobs)
-        # one output per SOP Instance UID in the whole run, the studies done before included
+        # one output per SOP Instance UID in the whole run, the studies done before included;
+        # not the files of a study pulled again (a crash after its files were recorded, before
+        # its state): they would count as duplicates of themselves and the study as empty
+        again = {s.review_id for s in studies}
         written = {
             f.sop_instance_uid: Path(f.output)
             for f in await p.store.files(run.name)
-            if f.status == "clean" and f.sop_instance_uid and f.output
+            if f.status == "clean" and f.sop_instance_uid and f.output and f.review_id not in again
         }
         duplicates = Duplicates(rdir.quarantine, written)
         try:
@@ -371,20 +393,33 @@ async def _pull_one(
     clean = [r for r in records if r.status == "clean"]
     repeated = [r for r in records if r.status == "duplicate"]
     quarantined = [r for r in records if r.status not in ("clean", "duplicate")]
+    # A study pulled again after a crash between these lines and its state writes them once.
+    anonymized = set(rdir.read_lines("anonymize_output.txt"))
+    pulled = set(rdir.read_lines("pull_output.txt"))
     for record in quarantined:
         output = Path(record.output).name if record.output else "-"
-        rdir.append(
-            "anonymize_output.txt", f"{study.review_id}\t{record.status}\t{output}\t{record.reason}"
+        _append_new(
+            rdir,
+            "anonymize_output.txt",
+            f"{study.review_id}\t{record.status}\t{output}\t{record.reason}",
+            anonymized,
         )
     if repeated:
-        rdir.append(
+        _append_new(
+            rdir,
             "anonymize_output.txt",
             f"{study.review_id}\tduplicate\t{len(repeated)} files repeated an object already"
             " written (same SOP Instance UID and content): written once",
+            anonymized,
         )
     notes = audit.identity_notes(Counter(a for o in outcomes for a in o.disagrees))
     if notes:
-        rdir.append("anonymize_output.txt", f"{study.review_id}\tpatient identity\t{notes}")
+        _append_new(
+            rdir,
+            "anonymize_output.txt",
+            f"{study.review_id}\tpatient identity\t{notes}",
+            anonymized,
+        )
         p.note_error(f"{run.name}: study {study.review_id}: {notes}")
         log.warning(
             "objects of one study name their patient differently",
@@ -392,16 +427,20 @@ async def _pull_one(
             study=study.review_id,
         )
     cleaned_uid = clean[0].cleaned_study_uid if clean else None
-    rdir.append(
+    _append_new(
+        rdir,
         "anonymize_output.txt",
         f"{study.review_id}\t{len(records)} files: {len(clean)} clean, "
         f"{len(quarantined)} quarantined" + (f", {len(repeated)} duplicates" if repeated else ""),
+        anonymized,
     )
-    rdir.append(
+    _append_new(
+        rdir,
         "pull_output.txt",
         f"{study.review_id}\t{result.status}\texpected {result.expected}"
         f"\tcompleted {result.completed}\tfailed {result.failed}\tlanded {result.landed}"
         + (f"\t{result.detail}" if result.detail else ""),
+        pulled,
     )
     state, reason = "deidentified", None
     if result.status == "not found":
@@ -471,9 +510,11 @@ async def _hook(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
         raise RunStopped
     output = "post_anon_output_practice.txt" if run.practice else "post_anon_output.txt"
     if not rdir.has(output):
+        # What a hook run cut short by a crash wrote to overview.txt is not written again.
+        earlier = rdir.read_lines("overview.txt")
         try:
             text = await asyncio.to_thread(
-                run_hook, p.hook, rdir.path, rdir.overview_stream(), run.practice
+                run_hook, p.hook, rdir.path, rdir.overview_stream(skip=earlier), run.practice
             )
         except HookError as exc:
             rdir.write_lines(output, [f"hook failed: {exc}"])
@@ -535,17 +576,20 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
                 f"files not stored yet: {why}",
             )
             raise PeerOutage("research", why)
+        # A study pushed again after a crash between these lines and its state (a resumed push
+        # finds every file there) writes them once: the first account stands.
+        lines = set(rdir.read_lines("push_output.txt"))
         for failure in report.failed:
-            rdir.append(
+            _append_new(
+                rdir,
                 "push_output.txt",
                 f"{study.cleaned_study_uid}\tfailed\t{failure.path.name}\t{failure.error}",
+                lines,
             )
         pushed = len(already) + len(stored)
-        rdir.append(
-            "push_output.txt",
-            f"{study.cleaned_study_uid}\t{pushed} of {len(files)} "
-            f"files in the research PACS ({len(already)} were already there)",
-        )
+        summary = f"{study.cleaned_study_uid}\t{pushed} of {len(files)} files in the research PACS"
+        if not any(line.startswith(f"{summary} (") for line in lines):
+            rdir.append("push_output.txt", f"{summary} ({len(already)} were already there)")
         (check,) = await asyncio.to_thread(
             verify_studies,
             settings.local,
@@ -569,9 +613,11 @@ async def _push(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
             )
         else:
             state, reason = "verified", None
-        rdir.append(
+        _append_new(
+            rdir,
             "push_output.txt",
             f"{study.cleaned_study_uid}\tverified: {check.found} of {len(files)}\t{state}",
+            lines,
         )
         await p.store.update_study(
             run.name, study.review_id, state=state, reason=reason, pushed=pushed
@@ -663,6 +709,33 @@ async def _advance(p: Pipeline, run: str, state: str, error: str | None = None) 
     """Commit the run's new state, then tell the service (STATUS= for systemd)."""
     await p.store.set_run_state(run, state, error)
     p.on_state(f"{run}: {state}")
+
+
+def _append_new(rdir: RunDir, filename: str, line: str, earlier: set[str]) -> None:
+    """Append *line* to *filename* unless it is in *earlier* (the file's lines before this
+    step): a step redone after a crash writes its audit lines once."""
+    if line not in earlier:
+        rdir.append(filename, line)
+
+
+async def _remove_unrecorded_runs(p: Pipeline) -> None:
+    """Remove the run folder a crash left between its creation and its record in the state store
+    (empty, unknown to the store), so the next run is the only one; anything else is left."""
+    known = {r.name for r in await p.store.runs()}
+    for rdir in RunDir.list(p.settings.pipeline.data_dir):
+        entries = list(rdir.path.iterdir())
+        if rdir.name in known or any(
+            e.name not in audit.FOLDERS or not e.is_dir() or any(e.iterdir()) for e in entries
+        ):
+            continue
+        try:
+            for entry in entries:
+                entry.rmdir()
+            rdir.path.rmdir()  # fails, and leaves it, if anything appeared meanwhile
+        except OSError:
+            continue
+        durable.fsync_path(rdir.path.parent)
+        log.warning("empty run folder without a run removed", run=rdir.name)
 
 
 def _overview_once(rdir: RunDir, line: str, prefix: str | None = None) -> None:
