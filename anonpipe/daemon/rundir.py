@@ -405,6 +405,12 @@ def hooked(files: int, studies: int) -> str:
     )
 
 
+def hook_failed(reason: str) -> str:
+    """``The post-anonymization hook failed: HookError: …`` (the run stops; its output file is
+    left to the hook run that succeeds, after ``restart-run``)."""
+    return f"The post-anonymization hook failed: {reason}"
+
+
 def push_completed(at: datetime) -> str:
     """``Push completed at 2013-05-03 15:15``."""
     return f"Push completed at {at:%Y-%m-%d %H:%M}"

@@ -517,7 +517,9 @@ async def _hook(p: Pipeline, run: RunRecord, rdir: RunDir) -> None:
                 run_hook, p.hook, rdir.path, rdir.overview_stream(skip=earlier), run.practice
             )
         except HookError as exc:
-            rdir.write_lines(output, [f"hook failed: {exc}"])
+            # Not in the output file: its presence means "the hook ran", and after restart-run
+            # the fixed hook must run (it was skipped, the failure kept as its output).
+            rdir.overview(audit.hook_failed(failure_text(exc)))
             raise
         rdir.write_lines(output, text.splitlines())
     if run.practice:
