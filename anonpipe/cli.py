@@ -92,17 +92,30 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
+def _check_config_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="also connect: review database, identity.db and key, data folder's free space, "
+        "C-ECHO to both PACS (exit 1 if one fails)",
+    )
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    """Print the effective settings, one ``section.key = value`` line each, secrets redacted."""
-    from anonpipe.anon.identity import IdentityError, check_store
+    """Print the effective settings, one ``section.key = value`` line each, secrets redacted;
+    with ``--live`` then one OK or PROBLEM line per live check."""
+    import asyncio
+
+    from anonpipe.logs import configure_logging
+    from anonpipe.preflight import config_problems, live_checks
 
     settings = load_settings(args.config, os.environ)
-    if os.access(settings.anon.identity_db, os.R_OK):  # another user's store is not judged here
-        try:
-            check_store(settings.anon.identity_db)  # the old pipeline's identity.db is refused
-        except IdentityError as exc:
-            print(f"anon.identity_db: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    problems = config_problems(settings)  # the old pipeline's identity.db, an unknown hook
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     print(f"# anonpipe configuration from {settings.source}: valid")
     for section, table in settings_as_dict(settings).items():
         for key, value in table.items():
@@ -110,6 +123,54 @@ def _check_config(args: argparse.Namespace) -> int:
     if not settings.local.allowed_peers:
         peers = [{"ae_title": p.ae_title, "host": p.host} for p in settings.allowed_peers]
         print(f"# local.allowed_peers is empty, so the effective peers are {_toml_value(peers)}")
+    if not args.live:
+        return EXIT_OK
+    configure_logging("error", settings.logging.format)  # type: ignore[arg-type]
+    checks = asyncio.run(live_checks(settings))
+    print("# live checks")
+    for check in checks:
+        print(check.line())
+    return EXIT_OK if all(check.ok for check in checks) else EXIT_FAILURE
+
+
+def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "--format",
+        choices=("md", "json"),
+        default="md",
+        help="md: a document for a privacy officer (default); json: for programs",
+    )
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    """Print what the engine does with the configured options, from the data it runs on."""
+    from anonpipe.anon.conformance import Retention, build_statement, render
+    from anonpipe.daemon.service import state_store_path
+    from anonpipe.tools.cleandata import DATA_FOLDERS, IDENTIFIED_FOLDERS
+
+    settings = load_settings(args.config, os.environ)
+    retention = Retention(
+        data_dir=str(settings.pipeline.data_dir),
+        folders=DATA_FOLDERS,
+        identified=IDENTIFIED_FOLDERS,
+        kept=(
+            (
+                f"`{state_store_path(settings)}`",
+                "the original Study Instance UID and Accession Number of every study pulled,"
+                " until the file is deleted",
+            ),
+            (
+                "the text files of each run (kept by clean-data: the audit trail)",
+                "original Study Instance UIDs (studies_to_retrieve.txt, anonymize_output.txt)",
+            ),
+            (
+                "`.practice-identity.db` in a practice run's folder",
+                "a copy of identity.db, from the practice run's start until it finishes",
+            ),
+        ),
+    )
+    print(render(build_statement(settings.anon, retention), args.format), end="")
     return EXIT_OK
 
 
@@ -131,7 +192,7 @@ def _anonymize_arguments(parser: argparse.ArgumentParser) -> None:
 def _anonymize(args: argparse.Namespace) -> int:
     """De-identify SRC into DEST offline, with the daemon's engine and identity store."""
     from anonpipe.anon.batch import engine_spec, iter_files, run_batch
-    from anonpipe.anon.identity import IdentityError, check_store, load_or_create_key
+    from anonpipe.anon.identity import IdentityError, check_identity, load_or_create_key
     from anonpipe.logs import configure_logging
 
     settings = load_settings(args.config, os.environ)
@@ -144,7 +205,8 @@ def _anonymize(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     anon = settings.anon
     try:
-        check_store(anon.identity_db)  # a foreign identity.db: refused before the key is made
+        # a foreign identity.db, or one another key made: refused before a key is created
+        check_identity(anon.identity_db, anon.key_file)
         key = load_or_create_key(anon.key_file)
     except IdentityError as exc:
         print(f"anonpipe anonymize: {exc}", file=sys.stderr)
@@ -484,12 +546,75 @@ def _import_identity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _import_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "settings",
+        type=Path,
+        metavar="LOCAL_SETTINGS",
+        help="the old pipeline's local_settings.py (read as data, never run)",
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write the TOML here (default: stdout)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+
+def _import_settings(args: argparse.Namespace) -> int:
+    """Convert the old local_settings.py; exit 1 when some value still needs the operator."""
+    from anonpipe.tools.import_settings import (
+        ImportSettingsError,
+        check,
+        convert,
+        write_output,
+    )
+
+    name = "anonpipe import-settings"
+    output: Path | None = args.output
+    if (
+        output is not None
+        and output.exists()
+        and (not args.force or output.resolve() == args.settings.resolve())
+    ):
+        why = "it is LOCAL_SETTINGS" if args.force else "pass --force to replace it"
+        print(f"{name}: {output} exists; {why}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        conversion = convert(args.settings)
+    except ImportSettingsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    check(conversion, str(output or "the result"))
+    if output is None:
+        sys.stdout.write(conversion.text)
+    else:
+        try:
+            write_output(conversion.text, output, force=args.force)
+        except FileExistsError:
+            print(f"{name}: {output} exists; pass --force to replace it", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as exc:
+            print(f"{name}: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"{name}: wrote {output}", file=sys.stderr)
+    for item in conversion.todo:
+        print(f"{name}: to do: {item}", file=sys.stderr)
+    for item in conversion.attention:
+        print(f"{name}: needs attention: {item}", file=sys.stderr)
+    return EXIT_FAILURE if conversion.attention else EXIT_OK
+
+
 SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
     Subcommand(
         "check-config",
-        "validate the configuration file and print the effective settings",
-        _add_config_option,
+        "validate the configuration file and print the effective settings; --live connects",
+        _check_config_arguments,
         _check_config,
+    ),
+    Subcommand(
+        "conformance",
+        "print what de-identification does with these settings (for a privacy officer)",
+        _conformance_arguments,
+        _conformance,
     ),
     Subcommand(
         "anonymize",
@@ -538,6 +663,12 @@ SUBCOMMANDS: Final[tuple[Subcommand, ...]] = (
         "import the old pipeline's identity.db (its UIDs and pseudonyms) into identity_db",
         _import_identity_arguments,
         _import_identity,
+    ),
+    Subcommand(
+        "import-settings",
+        "convert the old pipeline's local_settings.py to an anonpipe.toml (read, never run)",
+        _import_settings_arguments,
+        _import_settings,
     ),
 )
 

@@ -21,9 +21,18 @@ outside the run folder). Its return value is saved to post_anon_output.txt
 (post_anon_output_practice.txt in practice). ``@registry.register`` and
 ``@registry.register(name="link")`` work as decorators too.
 
+An installed package can offer hooks too, through the entry-point group ``anonpipe.hooks``
+(:data:`ENTRY_POINT_GROUP`), so a site's hooks can be versioned and installed like any package::
+
+    # the site package's pyproject.toml
+    [project.entry-points."anonpipe.hooks"]
+    link = "site_hooks.link:link"      # then [pipeline] post_anon_hook = "link"
+
+Only the hook named in the configuration is imported; the others are listed by name.
+
 Unlike the old code, which silently fell back to the default hook, an unknown name is an error at
-start-up (:func:`resolve_hook`). Built in: ``default`` (a per-study report of ``to_production``)
-and ``none`` (does nothing).
+start-up (:func:`resolve_hook`), and ``check-config`` says so with the names it knows. Built in:
+``default`` (a per-study report of ``to_production``) and ``none`` (does nothing).
 """
 
 from __future__ import annotations
@@ -34,19 +43,24 @@ import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Protocol, TypeVar, overload
+from typing import Final, Protocol, TypeVar, overload
 
 from anonpipe.daemon.rundir import hooked
 from anonpipe.headers import read_header
 from anonpipe.logs import get_logger
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Hook",
     "HookError",
     "HookRegistry",
     "OverviewWriter",
+    "builtin_registry",
     "default_hook",
+    "installed_hooks",
+    "known_hooks",
     "load_hook_files",
     "none_hook",
     "registry",
@@ -55,6 +69,9 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+#: Entry-point group through which installed distributions offer hooks (``name = "module:attr"``).
+ENTRY_POINT_GROUP: Final = "anonpipe.hooks"
 
 
 class OverviewWriter(Protocol):
@@ -235,16 +252,89 @@ def _import_file(path: Path) -> None:
         raise HookError(f"cannot load hook file {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def installed_hooks() -> dict[str, tuple[EntryPoint, ...]]:
+    """The hooks installed distributions offer (group :data:`ENTRY_POINT_GROUP`), by name.
+
+    Nothing is imported: listing them runs no code of theirs. A name offered by two
+    distributions has two entries (:func:`resolve_hook` refuses it).
+    """
+    found: dict[str, list[EntryPoint]] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(point.name, []).append(point)
+    return {name: tuple(points) for name, points in found.items()}
+
+
+def _origin(point: EntryPoint) -> str:
+    dist = point.dist
+    return f"package {dist.name} {dist.version}" if dist is not None else point.value
+
+
+def known_hooks(into: HookRegistry | None = None) -> dict[str, str | None]:
+    """Every hook name start-up could resolve now: registered ones (built in, hook files) map
+    to None, installed ones to the package offering them."""
+    target = registry if into is None else into
+    known: dict[str, str | None] = dict.fromkeys(target.names())
+    for name, points in installed_hooks().items():
+        known.setdefault(name, ", ".join(_origin(p) for p in points))
+    return known
+
+
+def _load_installed(name: str, target: HookRegistry) -> None:
+    """Import the installed hook `name`, if a distribution offers it, and register it."""
+    points = installed_hooks().get(name, ())
+    if len(points) > 1:
+        raise HookError(
+            f"post_anon_hook {name!r} is offered by several installed packages "
+            f"({', '.join(_origin(p) for p in points)}); uninstall all but one"
+        )
+    if not points:
+        return
+    try:
+        fn = points[0].load()
+    except (Exception, SystemExit) as exc:
+        raise HookError(
+            f"cannot load post_anon_hook {name!r} from {_origin(points[0])} "
+            f"({points[0].value}): {type(exc).__name__}: {exc}"
+        ) from exc
+    target.register(fn, name)
+
+
+def builtin_registry() -> HookRegistry:
+    """A new registry holding only the built-in hooks (a check that must not see hooks
+    registered earlier in this process)."""
+    fresh = HookRegistry()
+    fresh.register(default_hook, name="default")
+    fresh.register(none_hook, name="none")
+    return fresh
+
+
 def resolve_hook(name: str, files: Iterable[Path], into: HookRegistry | None = None) -> Hook:
-    """Load `files`, then return the hook `name`: what start-up calls.
+    """Load `files`, then return the hook `name`: what start-up (and check-config) calls.
+
+    The installed distributions' entry points (:func:`installed_hooks`) are asked for `name`
+    too, and only that one is imported; a name both a hook file and a package define with
+    different functions is refused rather than one silently winning.
 
     Raises
     ------
     HookError
-        If a file fails to load or no hook is called `name`.
+        If a file or the installed hook fails to load, two packages offer `name`, or no hook
+        is called `name` (the message lists the known ones and where they come from).
     """
-    load_hook_files(files, into)
-    return (registry if into is None else into).get(name)
+    target = registry if into is None else into
+    load_hook_files(files, target)
+    _load_installed(name, target)
+    if name not in target.names():
+        known = ", ".join(
+            known if origin is None else f"{known} ({origin})"
+            for known, origin in known_hooks(target).items()
+        )
+        raise HookError(
+            f"unknown post_anon_hook {name!r}; known: {known or '(none)'}; set [pipeline] "
+            "post_anon_hook to one of them, add the file defining it to [pipeline] hook_files, "
+            f"or install the package that offers it (entry-point group {ENTRY_POINT_GROUP})"
+        )
+    return target.get(name)
 
 
 def run_hook(

@@ -184,7 +184,7 @@ class Cleaner:
     def element(self, element: DataElement, parent: Dataset) -> DataElement | None:
         """The cleaned element, or None when it must go."""
         tag = element.tag
-        if tag.element == 0 or tag.group in _NOT_IN_A_DATASET:
+        if tag.element == 0 or tag.group in NOT_IN_A_DATASET:
             return None  # group lengths (recomputed), stray command or file meta elements
         if tag.is_private:
             return self._private(element, parent)
@@ -308,7 +308,7 @@ class Cleaner:
 _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
 #: Groups that never belong in a data set: command (0000) and file meta (0002) elements there
 #: are strays (a flipped bit can end the meta early); the writer builds the meta anew.
-_NOT_IN_A_DATASET = frozenset({0x0000, 0x0002})
+NOT_IN_A_DATASET = frozenset({0x0000, 0x0002})
 #: Bytes per value of the binary VRs whose value count the dictionary's multiplicity fixes.
 _VALUE_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
 
@@ -398,7 +398,7 @@ def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
     dictionary cannot vouch for (:func:`_judgeable`); ``read`` otherwise. Deciding before
     decoding spares pydicom most of a header's conversions.
     """
-    if tag & 0xFFFF == 0 or tag >> 16 in _NOT_IN_A_DATASET:
+    if tag & 0xFFFF == 0 or tag >> 16 in NOT_IN_A_DATASET:
         return "drop"
     if tag & 1 << 16:
         return "read" if "retain_safe_private" in profile.options else "drop"

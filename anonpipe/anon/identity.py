@@ -306,6 +306,53 @@ def check_store(path: Path) -> None:
         raise _version_error(path, meta.get("schema_version"))
 
 
+def key_fingerprint(key: bytes) -> str:
+    """What identity.db's ``meta`` records of the key it was made with (``key_fingerprint``):
+    a keyed digest, so the key cannot be recovered from it."""
+    return _hmac(key, b"fingerprint:identity.db").hex()[:32]
+
+
+def _key_error(path: Path, key_file: Path | None = None) -> IdentityError:
+    """Another key than identity.db's: every known patient would get new pseudonyms."""
+    which = f" ({key_file})" if key_file is not None else ""
+    return IdentityError(
+        f"identity store {path} was written with a different pseudonym key{which}; with this key"
+        " every known patient would get new pseudonyms and every UID a new replacement: restore"
+        " the key file the store was created with (from a backup), or point [anon] identity_db"
+        " at a new file to start afresh"
+    )
+
+
+def check_identity(path: Path, key_file: Path) -> None:
+    """Refuse at start-up, reading only and creating nothing, an identity.db that
+    :func:`check_store` refuses, or one that another key than `key_file`'s wrote.
+
+    An absent store is fine (it is created at first use), and so is an absent key file while
+    the store is absent too; a key file missing beside an existing store is refused, since the
+    key created in its place could never open the store.
+
+    Raises
+    ------
+    IdentityError
+        With the file, the reason and the fix.
+    """
+    meta = _inspect_store(path)
+    if meta is not None and meta.get("schema_version") not in READABLE_VERSIONS:
+        raise _version_error(path, meta.get("schema_version"))
+    try:
+        key = _read_key(key_file)
+    except FileNotFoundError:
+        if meta is None:
+            return
+        raise IdentityError(
+            f"key file {key_file} not found, but identity store {path} holds mappings made with"
+            " a key: restore the key file from a backup (a new key would give every known"
+            " patient new pseudonyms), or point [anon] identity_db at a new file"
+        ) from None
+    if meta is not None and meta.get("key_fingerprint") != key_fingerprint(key):
+        raise _key_error(path, key_file)
+
+
 def _version_error(path: Path, version: str | None) -> IdentityError:
     return IdentityError(
         f"identity store {path} has schema version {version}, this anonpipe reads version"
@@ -450,7 +497,7 @@ class IdentityStore:
 
     @property
     def _fingerprint(self) -> str:
-        return _hmac(self._key, b"fingerprint:identity.db").hex()[:32]
+        return key_fingerprint(self._key)
 
     def _check_meta(
         self, conn: sqlite3.Connection, readable: tuple[str, ...] = (str(SCHEMA_VERSION),)
@@ -463,10 +510,7 @@ class IdentityStore:
         if meta.get("schema_version") not in readable:
             raise _version_error(self.path, meta.get("schema_version"))
         if meta.get("key_fingerprint") != self._fingerprint:
-            raise IdentityError(
-                f"identity store {self.path} was written with a different pseudonym key; use the"
-                " key file it was created with, or a new identity_db path"
-            )
+            raise _key_error(self.path)
 
     def _error(self, exc: sqlite3.Error) -> IdentityError:
         """Translate an SQLite error (whose text never holds bound values) into a fix."""

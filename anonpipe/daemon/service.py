@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from anonpipe.anon.identity import check_store
+from anonpipe.anon.identity import check_identity
 from anonpipe.config import Settings
 from anonpipe.daemon.control import ControlServer
 from anonpipe.daemon.lock import DataDirLock
@@ -104,8 +104,9 @@ class Service:
         hook = resolve_hook(
             self.settings.pipeline.post_anon_hook, self.settings.pipeline.hook_files
         )
-        # An identity.db anonpipe did not create (the old pipeline's) stops start-up unchanged.
-        check_store(self.settings.anon.identity_db)
+        # An identity.db anonpipe did not create (the old pipeline's), or one another key wrote
+        # (every known patient would silently get new pseudonyms), stops start-up unchanged.
+        check_identity(self.settings.anon.identity_db, self.settings.anon.key_file)
         await self.review.check()
         self.lock.acquire()
         try:

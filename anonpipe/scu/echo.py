@@ -9,7 +9,7 @@ from pynetdicom.presentation import build_context
 
 from anonpipe.config import LocalSettings, Settings
 from anonpipe.dimse import VERIFICATION, Endpoint
-from anonpipe.scu.association import PeerUnavailable, associate, describe
+from anonpipe.scu.association import PeerUnavailable, associate, describe, ended
 
 __all__ = ["EchoResult", "echo", "remote_peers"]
 
@@ -32,12 +32,14 @@ def echo(local: LocalSettings, peer: Endpoint) -> EchoResult:
     try:
         with associate(local, peer, [build_context(VERIFICATION)]) as assoc:
             answer = assoc.send_c_echo()
+            ending = ended(assoc)
     except PeerUnavailable as exc:
         return EchoResult(describe(peer), False, time.monotonic() - start, error=exc.reason)
     elapsed = time.monotonic() - start
     status = answer.get("Status") if answer else None
-    if status is None:
-        return EchoResult(describe(peer), False, elapsed, error="no C-ECHO response")
+    if status is None:  # an abort says more than the missing answer (our AE title refused?)
+        why = f" ({ending.reason})" if ending is not None else ""
+        return EchoResult(describe(peer), False, elapsed, error=f"no C-ECHO response{why}")
     if status != 0:
         return EchoResult(describe(peer), False, elapsed, int(status), f"status 0x{status:04X}")
     return EchoResult(describe(peer), True, elapsed, 0)

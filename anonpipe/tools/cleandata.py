@@ -24,6 +24,7 @@ from anonpipe.durable import fsync_path
 
 __all__ = [
     "DATA_FOLDERS",
+    "IDENTIFIED_FOLDERS",
     "RunCleanup",
     "Usage",
     "clean_data",
@@ -36,6 +37,8 @@ __all__ = [
 
 #: The folders of a run directory that hold DICOM files; everything else in a run stays.
 DATA_FOLDERS: tuple[str, ...] = ("from_staging", "quarantine", "to_production", "no_encounter")
+#: Those of :data:`DATA_FOLDERS` that hold identified originals (as pulled, and as refused).
+IDENTIFIED_FOLDERS: tuple[str, ...] = ("from_staging", "quarantine")
 
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
 

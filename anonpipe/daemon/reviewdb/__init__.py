@@ -26,6 +26,7 @@ from anonpipe.daemon.reviewdb.base import (
     Review,
     ReviewDatabase,
     ReviewDatabaseError,
+    ReviewSchemaError,
     Selection,
     Session,
     conflict_reason,
@@ -33,7 +34,8 @@ from anonpipe.daemon.reviewdb.base import (
 
 __all__ = [
     "BUSY_TIMEOUT", "DISAGREEMENTS", "Backend", "Candidate", "Held", "Review", "ReviewDatabase",
-    "ReviewDatabaseError", "Selection", "Session", "conflict_reason", "review_database",
+    "ReviewDatabaseError", "ReviewSchemaError", "Selection", "Session", "conflict_reason",
+    "review_database",
 ]  # fmt: skip
 
 #: URL schemes of PostgreSQL, as libpq accepts them.

@@ -27,7 +27,7 @@ from anonpipe.logs import get_logger
 
 __all__ = [
     "BUSY_TIMEOUT", "DISAGREEMENTS", "Backend", "Candidate", "Held", "Review", "ReviewDatabase",
-    "ReviewDatabaseError", "Selection", "Session", "conflict_reason",
+    "ReviewDatabaseError", "ReviewSchemaError", "Selection", "Session", "conflict_reason",
 ]  # fmt: skip
 
 _log = get_logger(__name__)
@@ -64,6 +64,11 @@ _LITERAL: Final = {True: "TRUE", False: "FALSE", None: "NULL"}
 
 class ReviewDatabaseError(RuntimeError):
     """The review database is missing, unreachable, not the expected schema, or a write failed."""
+
+
+class ReviewSchemaError(ReviewDatabaseError):
+    """The review database answered, but lacks a table or column anonpipe uses: the fix is the
+    database or the table prefix named, not the connection."""
 
 
 class Session(Protocol):
@@ -222,14 +227,14 @@ class ReviewDatabase:
         for table, needed in tables.items():
             have = await session.columns(table)
             if not have:
-                raise ReviewDatabaseError(
+                raise ReviewSchemaError(
                     f"review database {self.name} has no table {table}; is it the "
                     "django-dicom-review database, and is [review] table_prefix right "
                     "(very old installs use 'staging_')?"
                 )
             missing = [column for column in needed if column not in have]
             if missing:
-                raise ReviewDatabaseError(
+                raise ReviewSchemaError(
                     f"review database {self.name}: table {table} lacks column(s) "
                     f"{', '.join(missing)}; not the django-dicom-review schema anonpipe expects"
                 )
