@@ -40,6 +40,8 @@ ASSOCIATE_WITHIN = 5.0
 READ_TIMEOUT = 60.0
 #: Connections one address may hold open without an association.
 PENDING_PER_HOST = 8
+#: Connections the kernel queues before we accept them (Linux caps it at somaxconn).
+LISTEN_BACKLOG = 128
 #: pynetdicom's own limit on concurrent connections (two threads each).
 THREAD_BOUND = 256
 
@@ -167,6 +169,9 @@ class StorageSCP:
             address = (self.local.bind, self.local.port)
             try:
                 self._server = ae.start_server(address, block=False, evt_handlers=handlers)
+                # pynetdicom listens with socketserver's backlog of 5: under a flood of hostile
+                # connections the kernel dropped the staging PACS's connects (retried after 1 s).
+                self._server.socket.listen(LISTEN_BACKLOG)
             except OSError as exc:
                 raise OSError(
                     exc.errno,
