@@ -725,10 +725,10 @@ async def _remove_unrecorded_runs(p: Pipeline) -> None:
     (empty, unknown to the store), so the next run is the only one; anything else is left."""
     known = {r.name for r in await p.store.runs()}
     for rdir in RunDir.list(p.settings.pipeline.data_dir):
+        if rdir.name in known:  # the common case: no listing of its folders
+            continue
         entries = list(rdir.path.iterdir())
-        if rdir.name in known or any(
-            e.name not in audit.FOLDERS or not e.is_dir() or any(e.iterdir()) for e in entries
-        ):
+        if any(e.name not in audit.FOLDERS or not e.is_dir() or any(e.iterdir()) for e in entries):
             continue
         try:
             for entry in entries:
