@@ -43,7 +43,7 @@ def _context(purpose: ssl.Purpose, ca: Any, min_version: str) -> ssl.SSLContext:
         context.load_verify_locations(cafile=ca)
     except (ssl.SSLError, OSError) as exc:
         raise TlsConfigError(
-            f"ca {ca} holds no usable CA certificate (PEM): {_reason(exc)}"
+            f"ca {ca} holds no usable CA certificate (PEM): {describe_error(exc)}"
         ) from None
     return context
 
@@ -54,7 +54,7 @@ def _load_identity(context: ssl.SSLContext, certificate: Any, private_key: Any) 
     except (ssl.SSLError, OSError) as exc:
         raise TlsConfigError(
             f"certificate {certificate} and private_key {private_key} cannot be used together "
-            f"(PEM, the key of that certificate, not encrypted): {_reason(exc)}"
+            f"(PEM, the key of that certificate, not encrypted): {describe_error(exc)}"
         ) from None
 
 
@@ -79,7 +79,9 @@ def client_context(settings: ClientTls, record: HandshakeRecord | None = None) -
     return context
 
 
-def _reason(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A TLS failure in words, without the library's noise (e.g. ``certificate verify failed:
+    unable to get local issuer certificate``, ``tlsv13 alert certificate required``)."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
@@ -87,12 +89,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__
-
-
-def describe_error(exc: BaseException) -> str:
-    """A TLS failure in words, without the library's noise (e.g. ``certificate verify failed:
-    unable to get local issuer certificate``, ``tlsv13 alert certificate required``)."""
-    return _reason(exc)
 
 
 class HandshakeRecord:
@@ -133,5 +129,5 @@ def accept(context: ssl.SSLContext, assoc: Any, within: float) -> str | None:
         )
         transport.socket.do_handshake()
     except (OSError, ValueError) as exc:
-        return "TLS handshake timed out" if isinstance(exc, TimeoutError) else _reason(exc)
+        return "TLS handshake timed out" if isinstance(exc, TimeoutError) else describe_error(exc)
     return None

@@ -301,9 +301,15 @@ def check_store(path: Path) -> None:
     IdentityError
         With the file, the reason and the fix (for a foreign file: the import command).
     """
+    _checked_meta(path)
+
+
+def _checked_meta(path: Path) -> dict[str, str] | None:
+    """identity.db's ``meta`` (None when absent), read only; refuses a foreign or newer file."""
     meta = _inspect_store(path)
     if meta is not None and meta.get("schema_version") not in READABLE_VERSIONS:
         raise _version_error(path, meta.get("schema_version"))
+    return meta
 
 
 def key_fingerprint(key: bytes) -> str:
@@ -336,9 +342,7 @@ def check_identity(path: Path, key_file: Path) -> None:
     IdentityError
         With the file, the reason and the fix.
     """
-    meta = _inspect_store(path)
-    if meta is not None and meta.get("schema_version") not in READABLE_VERSIONS:
-        raise _version_error(path, meta.get("schema_version"))
+    meta = _checked_meta(path)
     try:
         key = _read_key(key_file)
     except FileNotFoundError:
