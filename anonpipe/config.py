@@ -312,6 +312,9 @@ class StagingSettings:
     port: int = field(default=4242, metadata={"check": _port})
     connect_timeout: float = field(default=10.0, metadata={"check": _positive})
     tls: ClientTls | None = field(default=None, metadata={"check": _client_tls})
+    #: Study C-MOVEs at once (each its own association). Orthanc serves
+    #: ``ConcurrentJobs`` moves at a time (default 2); a PACS that allows one sets 1.
+    max_parallel_moves: int = field(default=2, metadata={"check": _between(1, 16, "an integer")})
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +356,9 @@ class PipelineSettings:
     no_push: bool = False
     post_anon_hook: str = field(default="default", metadata={"check": _non_empty})
     hook_files: tuple[Path, ...] = field(default=(), metadata={"each": _existing_file})
+    #: Studies between their pull and their write-back at once: one study's push overlaps
+    #: the next one's pull (with a per-study hook; a per-run hook waits for every pull).
+    studies_in_flight: int = field(default=2, metadata={"check": _between(1, 64, "an integer")})
 
 
 @dataclass(frozen=True, slots=True)

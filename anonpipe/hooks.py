@@ -30,9 +30,23 @@ An installed package can offer hooks too, through the entry-point group ``anonpi
 
 Only the hook named in the configuration is imported; the others are listed by name.
 
+**Per-study hooks.** A hook registered through :func:`per_study` is called once per study, as
+soon as that study is de-identified, with a :class:`HookStudy` (its folder, cleaned UID, counts,
+modality and SOP class, from the state store) and whether the run practises; its return value is
+appended to post_anon_output.txt. The run then never waits: one study is pushed while the next is
+still being pulled. A per-run hook (the form above) needs every study of the run de-identified
+before it starts, so no push can begin before the last pull ends::
+
+    @per_study
+    def link(study: HookStudy, practice: bool) -> str:
+        ...  # study.folder / <series> / <sop>.dcm
+        return f"{study.study_uid}\tlinked"
+
+    registry.register(link, name="link")
+
 Unlike the old code, which silently fell back to the default hook, an unknown name is an error at
 start-up (:func:`resolve_hook`), and ``check-config`` says so with the names it knows. Built in:
-``default`` (a per-study report of ``to_production``) and ``none`` (does nothing).
+``default`` (per study: one line describing it) and ``none`` (per study: does nothing).
 """
 
 from __future__ import annotations
@@ -43,29 +57,35 @@ import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Final, Protocol, TypeVar, overload
 
-from anonpipe.daemon.rundir import hooked
-from anonpipe.headers import read_header
+from anonpipe.daemon.audit import study_report
 from anonpipe.logs import get_logger
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "AnyHook",
     "Hook",
     "HookError",
     "HookRegistry",
+    "HookStudy",
     "OverviewWriter",
+    "StudyHook",
     "builtin_registry",
     "default_hook",
     "installed_hooks",
+    "is_per_study",
     "known_hooks",
     "load_hook_files",
     "none_hook",
+    "per_study",
     "registry",
     "resolve_hook",
     "run_hook",
+    "run_study_hook",
 ]
 
 log = get_logger(__name__)
@@ -82,9 +102,46 @@ class OverviewWriter(Protocol):
         ...
 
 
-#: ``hook(run_dir, overview, practice) -> report``.
+#: ``hook(run_dir, overview, practice) -> report``: once per run.
 Hook = Callable[[Path, OverviewWriter, bool], str]
-H = TypeVar("H", bound=Hook)
+
+
+@dataclass(frozen=True, slots=True)
+class HookStudy:
+    """One de-identified study, as a per-study hook sees it (no original identifier)."""
+
+    #: The run folder.
+    run_dir: Path
+    #: ``run_dir / "to_production" / study_uid``: ``<series>/<sop>.dcm`` below it.
+    folder: Path
+    #: The cleaned Study Instance UID.
+    study_uid: str
+    #: The study's id in the review DB.
+    review_id: int
+    files: int
+    series: int
+    #: The first clean file's Modality and SOP Class UID.
+    modality: str | None
+    sop_class: str | None
+
+
+#: ``hook(study, practice) -> report``: once per study (registered through :func:`per_study`).
+StudyHook = Callable[[HookStudy, bool], str]
+AnyHook = Hook | StudyHook
+H = TypeVar("H", bound=AnyHook)
+
+_PER_STUDY_MARK: Final = "__anonpipe_per_study__"
+
+
+def per_study(fn: Callable[[HookStudy, bool], object]) -> StudyHook:
+    """Mark `fn` as a per-study hook (use as a decorator); register it as any other."""
+    setattr(fn, _PER_STUDY_MARK, True)
+    return fn  # type: ignore[return-value]
+
+
+def is_per_study(hook: AnyHook) -> bool:
+    """Whether `hook` runs once per study (:func:`per_study`) rather than once per run."""
+    return bool(getattr(hook, _PER_STUDY_MARK, False))
 
 
 class HookError(RuntimeError):
@@ -105,7 +162,7 @@ class HookRegistry:
     """
 
     def __init__(self) -> None:
-        self._hooks: dict[str, Hook] = {}
+        self._hooks: dict[str, AnyHook] = {}
         self._lock = threading.Lock()
 
     @overload
@@ -155,7 +212,7 @@ class HookRegistry:
             self._hooks[key] = fn
         return fn
 
-    def get(self, name: str) -> Hook:
+    def get(self, name: str) -> AnyHook:
         """The hook registered as `name`.
 
         Raises
@@ -178,12 +235,12 @@ class HookRegistry:
         with self._lock:
             return tuple(self._hooks)
 
-    def _items(self) -> list[tuple[str, Hook]]:
+    def _items(self) -> list[tuple[str, AnyHook]]:
         with self._lock:
             return list(self._hooks.items())
 
 
-def _same_hook(old: Hook, new: Hook) -> bool:
+def _same_hook(old: AnyHook, new: AnyHook) -> bool:
     if old is new:
         return True
     old_code, new_code = getattr(old, "__code__", None), getattr(new, "__code__", None)
@@ -195,7 +252,7 @@ def _same_hook(old: Hook, new: Hook) -> bool:
     )
 
 
-def _where(fn: Hook) -> str:
+def _where(fn: AnyHook) -> str:
     code = getattr(fn, "__code__", None)
     place = f" in {code.co_filename}" if code is not None else ""
     return f"{getattr(fn, '__qualname__', repr(fn))}{place}"
@@ -308,7 +365,7 @@ def builtin_registry() -> HookRegistry:
     return fresh
 
 
-def resolve_hook(name: str, files: Iterable[Path], into: HookRegistry | None = None) -> Hook:
+def resolve_hook(name: str, files: Iterable[Path], into: HookRegistry | None = None) -> AnyHook:
     """Load `files`, then return the hook `name`: what start-up (and check-config) calls.
 
     The installed distributions' entry points (:func:`installed_hooks`) are asked for `name`
@@ -340,7 +397,7 @@ def resolve_hook(name: str, files: Iterable[Path], into: HookRegistry | None = N
 def run_hook(
     hook: Hook, run_dir: Path, overview: OverviewWriter, practice: bool, name: str | None = None
 ) -> str:
-    """Run `hook` and return its report.
+    """Run the per-run `hook` and return its report.
 
     A pending partial line of `overview` is flushed afterwards (if it has ``flush``). A return
     value that is not a string is converted with ``str()``; None (a hook without ``return``)
@@ -357,16 +414,28 @@ def run_hook(
         If the hook raises; the message names the hook and quotes the exception, which may
         carry data the hook handled: record it in the run folder, do not log it.
     """
-    label = name if name is not None else getattr(hook, "__name__", repr(hook))
     try:
-        report: object = hook(run_dir, overview, practice)
-    except (Exception, SystemExit) as exc:
-        log.warning("post_anon_hook failed", hook=label, error_type=type(exc).__name__)
-        raise HookError(f"post_anon_hook {label!r} failed: {type(exc).__name__}: {exc}") from exc
+        return _called(hook, name, lambda: hook(run_dir, overview, practice))
     finally:
         flush = getattr(overview, "flush", None)
         if callable(flush):
             flush()
+
+
+def run_study_hook(
+    hook: StudyHook, study: HookStudy, practice: bool, name: str | None = None
+) -> str:
+    """Run the per-study `hook` on `study` and return its report (as :func:`run_hook`)."""
+    return _called(hook, name, lambda: hook(study, practice))
+
+
+def _called(hook: AnyHook, name: str | None, call: Callable[[], object]) -> str:
+    label = name if name is not None else getattr(hook, "__name__", repr(hook))
+    try:
+        report = call()
+    except (Exception, SystemExit) as exc:
+        log.warning("post_anon_hook failed", hook=label, error_type=type(exc).__name__)
+        raise HookError(f"post_anon_hook {label!r} failed: {type(exc).__name__}: {exc}") from exc
     if report is None:
         return ""
     return report if isinstance(report, str) else str(report)
@@ -375,49 +444,18 @@ def run_hook(
 # ------------------------------------------------------------------------- built-in hooks
 
 
-def default_hook(run_dir: Path, overview: OverviewWriter, practice: bool) -> str:
-    """Count and describe the de-identified studies in ``run_dir / "to_production"``.
-
-    Writes :func:`~anonpipe.daemon.rundir.hooked` to `overview`. Practice changes nothing
-    here (the caller picks the output file).
-
-    Returns
-    -------
-    str
-        One line per study, by folder name: ``<cleaned study uid>\\t<n> series\\t<n> images
-        \\t<modality>\\t<sop class uid>``, the last two from the first file's header.
+@per_study
+def default_hook(study: HookStudy, practice: bool) -> str:
+    """Describe the de-identified study: ``<cleaned study uid>\\t<n> series\\t<n> images
+    \\t<modality>\\t<sop class uid>`` (the first file's), as the old default hook reported
+    each folder of ``to_production``. Practice changes nothing here (the caller picks the file).
+    The run writes the overview's ``N files containing N studies were successfully hooked up``.
     """
-    production = run_dir / "to_production"
-    studies = sorted(p for p in production.iterdir() if p.is_dir()) if production.is_dir() else []
-    lines: list[str] = []
-    total = 0
-    for study in studies:
-        series = [_instances(s) for s in sorted(study.iterdir()) if s.is_dir()]
-        series = [files for files in series if files]
-        count = sum(len(files) for files in series)
-        if not count:
-            continue
-        modality, sop_class = _header(series[0][0])
-        lines.append(f"{study.name}\t{len(series)} series\t{count} images\t{modality}\t{sop_class}")
-        total += count
-    overview.write(hooked(total, len(lines)) + "\n")
-    return "\n".join(lines) + "\n" if lines else ""
+    return study_report(study.study_uid, study.series, study.files, study.modality, study.sop_class)
 
 
-def _instances(series: Path) -> list[Path]:
-    return sorted(p for p in series.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
-
-
-def _header(path: Path) -> tuple[str, str]:
-    ds = read_header(path, ["Modality", "SOPClassUID"])
-    if ds is None:
-        raise ValueError(f"{path.name}: not a readable DICOM file")
-    meta = getattr(ds, "file_meta", None)
-    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
-    return str(ds.get("Modality") or ""), str(sop_class or "")
-
-
-def none_hook(run_dir: Path, overview: OverviewWriter, practice: bool) -> str:
+@per_study
+def none_hook(study: HookStudy, practice: bool) -> str:
     """Do nothing: for sites that link studies some other way."""
     return ""
 

@@ -139,7 +139,7 @@ def test_an_installed_hook_resolves_and_runs(installed: Path, tmp_path: Path) ->
     reg = hooks.builtin_registry()
     hook = hooks.resolve_hook("site_link", [], into=reg)
     overview = io.StringIO()
-    assert hooks.run_hook(hook, tmp_path, overview, False, "site_link") == "linked"
+    assert hooks.run_hook(hook, tmp_path, overview, False, "site_link") == "linked"  # type: ignore[arg-type]
     assert overview.getvalue() == "linked by an installed hook\n"
     assert reg.names() == ("default", "none", "site_link")
 

@@ -10,8 +10,8 @@ import pytest
 
 from anonpipe import hooks
 from anonpipe.daemon.rundir import RunDir
-from anonpipe.hooks import HookError, HookRegistry, OverviewWriter
-from tests.harness.studygen import Manifest, generate
+from anonpipe.hooks import HookError, HookRegistry, HookStudy, OverviewWriter
+from tests.harness.studygen import Manifest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "hooks" / "example_hook.py"
 KNOWN_BUILTINS = "known: default, none"
@@ -44,60 +44,54 @@ def _hook_file(folder: Path, name: str, body: str) -> Path:
 # --------------------------------------------------------------------------- default hook
 
 
+def _study(run: RunDir, **fields: object) -> HookStudy:
+    values: dict[str, object] = {
+        "run_dir": run.path,
+        "folder": run.to_production / "2.25.1",
+        "study_uid": "2.25.1",
+        "review_id": 7,
+        "files": 8,
+        "series": 2,
+        "modality": "CT",
+        "sop_class": "1.2.840.10008.5.1.4.1.1.2",
+    }
+    values.update(fields)
+    return HookStudy(**values)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("practice", [False, True])
-def test_default_hook_reports_each_study(tmp_path: Path, run: RunDir, practice: bool) -> None:
-    manifest = generate(
-        tmp_path / "src", studies_per_patient=2, series_per_study=2, instances_per_series=2
-    )
-    _to_production(run, manifest)
-    expected = []
-    for study in sorted(manifest.studies, key=lambda s: s.study_instance_uid):
-        first = min(study.series, key=lambda s: s.series_instance_uid)
-        expected.append(
-            f"{study.study_instance_uid}\t2 series\t4 images"
-            f"\t{first.modality}\t{first.sop_class_uid}"
-        )
-
-    with run.overview_stream() as overview:
-        report = hooks.run_hook(
-            hooks.registry.get("default"), run.path, overview, practice, name="default"
-        )
-
-    assert report.splitlines() == expected
-    assert report.endswith("\n")
-    assert run.read_lines("overview.txt") == [
-        "8 files containing 2 studies were successfully hooked up to an encounter."
-    ]
+def test_default_hook_describes_the_study(run: RunDir, practice: bool) -> None:
+    hook = hooks.registry.get("default")
+    assert hooks.is_per_study(hook)
+    report = hooks.run_study_hook(hook, _study(run), practice, name="default")  # type: ignore[arg-type]
+    assert report == "2.25.1\t2 series\t8 images\tCT\t1.2.840.10008.5.1.4.1.1.2"
 
 
-def test_default_hook_on_an_empty_run(run: RunDir) -> None:
-    overview = io.StringIO()
-    assert hooks.default_hook(run.path, overview, False) == ""
-    assert overview.getvalue() == (
-        "0 files containing 0 studies were successfully hooked up to an encounter.\n"
-    )
-
-
-def test_default_hook_ignores_stray_entries(tmp_path: Path, run: RunDir) -> None:
-    manifest = generate(tmp_path / "src", series_per_study=2, instances_per_series=2)
-    _to_production(run, manifest)
-    study = run.to_production / manifest.studies[0].study_instance_uid
-    (study / "stray.txt").write_text("not a series")
-    (study / "empty-series").mkdir()
-    (run.to_production / "empty-study").mkdir()
-    series = next(p for p in study.iterdir() if p.is_dir() and any(p.iterdir()))
-    (series / ".partial.dcm").write_bytes(b"")
-    overview = io.StringIO()
-    report = hooks.default_hook(run.path, overview, False)
-    assert report.count("\n") == 1
-    assert "\t2 series\t4 images\t" in report
-    assert overview.getvalue().startswith("4 files containing 1 studies")
+def test_default_hook_without_modality(run: RunDir) -> None:
+    study = _study(run, modality=None, sop_class=None)
+    assert hooks.default_hook(study, False) == "2.25.1\t2 series\t8 images\t\t"
 
 
 def test_none_hook_does_nothing(run: RunDir) -> None:
-    overview = io.StringIO()
-    assert hooks.run_hook(hooks.registry.get("none"), run.path, overview, False) == ""
-    assert overview.getvalue() == ""
+    hook = hooks.registry.get("none")
+    assert hooks.is_per_study(hook)
+    assert hooks.run_study_hook(hook, _study(run), False) == ""  # type: ignore[arg-type]
+
+
+def test_a_per_study_hook_that_raises_names_itself(run: RunDir) -> None:
+    @hooks.per_study
+    def link(study: HookStudy, practice: bool) -> str:
+        raise RuntimeError("no encounter")
+
+    with pytest.raises(HookError, match="post_anon_hook 'link' failed: RuntimeError: no enc"):
+        hooks.run_study_hook(link, _study(run), False, name="link")
+
+
+def test_a_per_run_hook_is_not_per_study() -> None:
+    def report(run_dir: Path, overview: object, practice: bool) -> str:
+        return ""
+
+    assert not hooks.is_per_study(report)
 
 
 def test_builtin_hooks_are_registered() -> None:
@@ -191,7 +185,9 @@ def test_example_hook_file_registers_example(run: RunDir) -> None:
     (run.to_production / "2.25.1" / "2.25.2").mkdir(parents=True)
     (run.to_production / "2.25.1" / "2.25.2" / "2.25.3.dcm").write_bytes(b"")
     with run.overview_stream() as overview:
-        report = hooks.run_hook(reg.get("example"), run.path, overview, True, name="example")
+        hook = reg.get("example")
+        assert not hooks.is_per_study(hook)
+        report = hooks.run_hook(hook, run.path, overview, True, name="example")  # type: ignore[arg-type]
     assert report == "2.25.1\n1 studies seen\n"
     assert run.read_lines("overview.txt") == [
         "example hook saw 1 files in 1 studies (practice: nothing linked)"
@@ -231,7 +227,7 @@ def test_a_site_file_using_the_decorator(tmp_path: Path) -> None:
     )
     reg = HookRegistry()
     hooks.load_hook_files([path], into=reg)
-    assert reg.get("decorated")(tmp_path, io.StringIO(), False) == "ok"
+    assert reg.get("decorated")(tmp_path, io.StringIO(), False) == "ok"  # type: ignore[call-arg,arg-type]
 
 
 def test_a_hook_file_that_raises_on_import(tmp_path: Path) -> None:

@@ -4,8 +4,7 @@
 ``quarantine/``, ``to_production/``) and the text files named in :data:`AUDIT_FILES`. Every write
 is flushed and fsynced, and the folder too when a file appears, so what the audit trail says
 survives a crash. Paths are built only from the run name and the fixed names here, never from
-peer data. The overview lines keep the old pipeline's exact wording (the functions at the end of
-this module), because operators and their scripts read them.
+peer data. What the lines say is :mod:`anonpipe.daemon.audit`'s business.
 
 The files hold original Study Instance UIDs and reviewer comments: the run folder is 0700 and the
 files 0600. Nothing of their content is logged.
@@ -19,31 +18,14 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from anonpipe.durable import fsync_path
 from anonpipe.logs import get_logger
 
-__all__ = [
-    "AUDIT_FILES",
-    "RUN_PREFIX",
-    "OverviewStream",
-    "RunDir",
-    "comments_lines",
-    "held_back",
-    "hooked",
-    "post_anon_output",
-    "protocol_missing",
-    "protocol_summary",
-    "push_completed",
-    "pushed",
-    "received",
-    "starting",
-    "valid_reviewed",
-]
+__all__ = ["AUDIT_FILES", "FOLDERS", "RUN_PREFIX", "OverviewStream", "RunDir", "post_anon_output"]
 
 RUN_PREFIX = "run_at_"
 FOLDERS: tuple[str, ...] = ("from_staging", "quarantine", "to_production")
@@ -352,118 +334,3 @@ def _check_line(line: str) -> str:
     if any(brk in line for brk in _LINE_BREAKS):
         raise ValueError("an audit line may not contain a line break; write one line per call")
     return line
-
-
-# --------------------------------------------------------------- overview.txt lines (data)
-
-
-def starting(at: datetime) -> str:
-    """``Starting at 2013-05-03 08:00``."""
-    return f"Starting at {at:%Y-%m-%d %H:%M}"
-
-
-def valid_reviewed(studies: int) -> str:
-    """``100 valid reviewed studies. Please review comments.txt``."""
-    return f"{studies} valid reviewed studies. Please review comments.txt"
-
-
-def held_back(studies: int) -> str:
-    """``2 studies held back: their reviews conflict, see comments.txt`` (new in anonpipe)."""
-    return f"{studies} studies held back: their reviews conflict, see comments.txt"
-
-
-def received(files: int, studies: int) -> str:
-    """``Received 23948 files containing 100 studies``."""
-    return f"Received {files} files containing {studies} studies"
-
-
-def not_pulled(studies: int) -> str:
-    """``1 studies could not be pulled, see pull_output.txt`` (new in anonpipe)."""
-    return f"{studies} studies could not be pulled, see pull_output.txt"
-
-
-def protocol_summary(marked: int, found: int) -> str:
-    """``1 studies marked as having a protocol series, 1 studies found with ...``."""
-    return (
-        f"{marked} studies marked as having a protocol series, "
-        f"{found} studies found with protocol series during anonymization."
-    )
-
-
-def protocol_missing(missing: int) -> str:
-    """``1 studies marked as having a protocol series but not found, see '...'.``."""
-    return (
-        f"{missing} studies marked as having a protocol series but not found, "
-        "see 'missing_protocol_studies.txt'."
-    )
-
-
-def hooked(files: int, studies: int) -> str:
-    """``22755 files containing 96 studies were successfully hooked up to an encounter.``."""
-    return (
-        f"{files} files containing {studies} studies were successfully hooked up to an encounter."
-    )
-
-
-def hook_failed(reason: str) -> str:
-    """``The post-anonymization hook failed: HookError: …`` (the run stops; its output file is
-    left to the hook run that succeeds, after ``restart-run``)."""
-    return f"The post-anonymization hook failed: {reason}"
-
-
-def push_completed(at: datetime) -> str:
-    """``Push completed at 2013-05-03 15:15``."""
-    return f"Push completed at {at:%Y-%m-%d %H:%M}"
-
-
-def pushed(studies: int) -> str:
-    """``96 studies marked as pushed``."""
-    return f"{studies} studies marked as pushed"
-
-
-# --------------------------------------------------------------------------- comments.txt
-
-
-def comments_lines(entries: Iterable[tuple[str, Sequence[str], str | None]]) -> list[str]:
-    """The lines of comments.txt: each study UID, then its reviewers' comments.
-
-    Parameters
-    ----------
-    entries : iterable of (str, sequence of str, str or None)
-        Study Instance UID, reviewer comments, and the reason the study is held back (None if it
-        is not).
-
-    Returns
-    -------
-    list of str
-        Per study: the UID (``<uid>\\tHELD BACK: <reason>`` for a held study), then every line
-        of every comment prefixed by a tab. Empty comments are left out; a reason's line breaks
-        become spaces.
-
-    Raises
-    ------
-    ValueError
-        For a UID holding a tab or a line break (it would break the file's layout).
-    """
-    lines: list[str] = []
-    for uid, comments, held in entries:
-        if any(c in uid for c in ("\t", *_LINE_BREAKS)):
-            raise ValueError("a study UID in comments.txt may not contain a tab or a line break")
-        lines.append(uid if held is None else f"{uid}\tHELD BACK: {' '.join(held.splitlines())}")
-        for comment in comments:
-            lines.extend(f"\t{part}" for part in comment.splitlines())
-    return lines
-
-
-def identity_notes(disagreements: Mapping[str, int]) -> str | None:
-    """The audit's note on objects of one study that name their patient differently, or None.
-
-    Attribute names and counts only: the values are the patient's identity.
-    """
-    if not disagreements:
-        return None
-    listed = ", ".join(f"{name} ({count} files)" for name, count in sorted(disagreements.items()))
-    return (
-        "objects differ from the study's first object in "
-        f"{listed}; all got the study's pseudonyms (check the staging PACS's patient records)"
-    )

@@ -26,10 +26,12 @@ from anonpipe.daemon.runner import (
     PeerOutage,
     Pipeline,
     RunStopped,
+    StopSignal,
     execute_run,
     failure_text,
 )
 from anonpipe.daemon.state import RunRecord, StateStore
+from anonpipe.daemon.states import RunState, StudyState
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import LandingRegistry, StorageSCP
@@ -81,9 +83,9 @@ class Service:
         )
         self.lock = DataDirLock(data_dir)
         self.control: ControlServer | None = None
-        self.paused = False
-        #: Set on SIGTERM/SIGINT or stop(); read from the push threads too.
-        self.shutting_down = threading.Event()
+        #: Pause (the step in hand finishes) and shutdown (SIGTERM/SIGINT or stop(); read from
+        #: the transfer threads too): what the runs see.
+        self.stop_signal = StopSignal()
         self.waiting: str | None = None
         self._down = ""  # the unreachable PACS at the last cycle, for logging changes only
         self.peers: dict[str, Any] = {}
@@ -94,7 +96,20 @@ class Service:
     @property
     def stopping(self) -> bool:
         """True once shutting down: the run stops at its next boundary, nothing new starts."""
-        return self.shutting_down.is_set()
+        return self.stop_signal.now.is_set()
+
+    @property
+    def shutting_down(self) -> threading.Event:
+        """Set on SIGTERM/SIGINT or :meth:`stop`."""
+        return self.stop_signal.now
+
+    @property
+    def paused(self) -> bool:
+        return self.stop_signal.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.stop_signal.paused = value
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -121,8 +136,7 @@ class Service:
             self.registry,
             self.guard,
             hook,
-            should_stop=lambda: self.paused or self.stopping,
-            shutting_down=self.shutting_down,
+            stop=self.stop_signal,
             on_state=lambda text: self.notifier.status(f"running {text}"),
         )
         try:
@@ -251,8 +265,8 @@ class Service:
             self.notifier.status(self._status_line())
 
     async def _failed_run(self) -> str | None:
-        runs = await self.store.runs()
-        return runs[-1].name if runs and runs[-1].state == "failed" else None
+        latest = await self.store.latest_run()
+        return latest.name if latest is not None and latest.state is RunState.FAILED else None
 
     def _unreachable(self, run: RunRecord | None) -> str:
         """The PACS the next run needs that did not answer the last C-ECHO, as one line."""
@@ -301,8 +315,7 @@ class Service:
         }
 
     async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
-        runs = await self.store.runs()
-        latest = runs[-1] if runs else None
+        latest = await self.store.latest_run()
         studies = await self._study_rows(latest.name) if latest else []
         return {
             "state": self._status_line(),
@@ -336,10 +349,11 @@ class Service:
                 "notes": s.notes,
             }
             # Live progress of the step in hand (the store has the counts once it is done).
-            landing = self.registry.get(s.original_study_uid) if s.state == "pulling" else None
+            pulling = s.state is StudyState.PULLING
+            landing = self.registry.get(s.original_study_uid) if pulling else None
             if landing is not None:
                 row.update(expected=landing.expected, landed=landing.landed)
-            if s.state == "pushing" and s.review_id in pushing:
+            if s.state is StudyState.PUSHING and s.review_id in pushing:
                 row["pushed"] = pushing[s.review_id]
             rows.append(row)
         return rows
@@ -371,14 +385,14 @@ class Service:
         }
 
     async def _restart(self, args: dict[str, Any]) -> str:
-        runs = await self.store.runs()
-        name = args.get("run") or (runs[-1].name if runs else None)
+        latest = await self.store.latest_run()
+        name = args.get("run") or (latest.name if latest else None)
         record = await self.store.run(str(name)) if name else None
         if record is None:
             raise ValueError("no such run; see `anonpipectl runs`")
-        if record.state == "done":
+        if record.state is RunState.DONE:
             raise ValueError(f"{record.name} is done; nothing to restart")
-        await self.store.set_run_state(record.name, "stopped")
+        await self.store.set_run_state(record.name, RunState.STOPPED)
         self._poll.set()
         return f"{record.name} will resume at its first unfinished step"
 

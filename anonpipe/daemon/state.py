@@ -17,6 +17,8 @@ from typing import Any
 
 import aiosqlite
 
+from anonpipe.daemon.states import Failure, RunState, StudyState
+
 __all__ = ["Deferred", "FileRecord", "RunRecord", "StateStore", "StudyRecord"]
 
 _SCHEMA = """
@@ -76,19 +78,19 @@ CREATE TABLE IF NOT EXISTS backoff (
 _ADDED_COLUMNS = (
     ("studies", "duplicates", "INTEGER NOT NULL DEFAULT 0"),
     ("studies", "notes", "TEXT"),
+    ("studies", "failure", "TEXT"),
+    ("files", "transfer_syntax", "TEXT"),
 )
 
-#: Study states, in order; ``held`` and ``failed`` end a study early.
-STUDY_STATES = (
-    "selected",
-    "pulling",
-    "deidentified",
-    "pushing",
-    "verified",
-    "published",
-    "held",
-    "failed",
-    "practiced",
+#: The failure kind of a failed study recorded before ``studies.failure`` existed, from the
+#: start of the reason that version wrote; used once, when the column is added.
+_LEGACY_FAILURES = (
+    ("never found%", Failure.NEVER_FOUND),
+    ("every file was quarantined%", Failure.ALL_QUARANTINED),
+    ("push failed%", Failure.PUSH_REFUSED),
+    ("verification failed%", Failure.VERIFICATION),
+    ("staging PACS unavailable%", Failure.STAGING_REFUSED),
+    ("pull %", Failure.PULL_INCOMPLETE),
 )
 
 
@@ -100,7 +102,7 @@ def _now() -> str:
 class RunRecord:
     name: str
     path: Path
-    state: str
+    state: RunState
     practice: bool
     no_push: bool
     started: str
@@ -117,7 +119,7 @@ class StudyRecord:
     original_study_uid: str
     accession_no: str
     has_protocol_series: bool
-    state: str
+    state: StudyState
     reason: str | None
     expected: int | None
     landed: int
@@ -130,6 +132,17 @@ class StudyRecord:
     #: What an operator should know that did not stop the study (no PHI), e.g. objects that
     #: named their patient differently from the study's first object.
     notes: str | None = None
+    #: Why it failed (``state`` failed or failed-reported), which decides the write-back.
+    failure: Failure | None = None
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the per-study hook ran on it: it got that far and did not fail before."""
+        return (
+            self.cleaned_study_uid is not None
+            and self.state.rank >= StudyState.HOOKED.rank
+            and (self.failure is None or not self.failure.before_hook)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +160,8 @@ class FileRecord:
     sop_class: str | None
     series_uid: str | None
     pushed: bool = False
+    #: The clean output's transfer syntax: with the SOP class and instance, all a C-STORE needs.
+    transfer_syntax: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +196,13 @@ class StateStore:
                 present = {row["name"] for row in await cursor.fetchall()}
             if column not in present:
                 await self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if (table, column) == ("studies", "failure"):
+                    for pattern, failure in _LEGACY_FAILURES:
+                        await self._db.execute(
+                            "UPDATE studies SET failure = ? WHERE failure IS NULL"
+                            " AND state IN ('failed', 'failed-reported') AND reason LIKE ?",
+                            (failure.name, pattern),
+                        )
         await self._db.commit()
 
     async def close(self) -> None:
@@ -203,11 +225,11 @@ class StateStore:
     async def add_run(self, name: str, path: Path, *, practice: bool, no_push: bool) -> None:
         await self._write(
             "INSERT INTO runs (name, path, state, practice, no_push, started) VALUES (?,?,?,?,?,?)",
-            (name, str(path), "selecting", int(practice), int(no_push), _now()),
+            (name, str(path), RunState.SELECTING, int(practice), int(no_push), _now()),
         )
 
-    async def set_run_state(self, name: str, state: str, error: str | None = None) -> None:
-        finished = _now() if state in ("done", "failed") else None
+    async def set_run_state(self, name: str, state: RunState, error: str | None = None) -> None:
+        finished = _now() if state.finished else None
         await self._write(
             "UPDATE runs SET state = ?, error = ?, finished = COALESCE(?, finished) WHERE name = ?",
             (state, error, finished, name),
@@ -223,6 +245,14 @@ class StateStore:
             row = await cursor.fetchone()
         return None if row is None else _run(row)
 
+    async def latest_run(self) -> RunRecord | None:
+        """The newest run (one row read, whatever the history's length)."""
+        async with self.db.execute(
+            "SELECT * FROM runs ORDER BY started DESC, name DESC LIMIT 1"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _run(row)
+
     async def unfinished_run(self) -> RunRecord | None:
         """The newest run that is neither done nor failed (a crash or stop interrupted it).
 
@@ -230,7 +260,7 @@ class StateStore:
         soak's 600 runs in 30 minutes were all loaded every 2 s, the cost growing with history).
         """
         async with self.db.execute(
-            "SELECT * FROM runs WHERE state NOT IN ('done', 'failed')"
+            "SELECT * FROM runs WHERE state NOT IN ('done', 'failed')"  # RunState.finished
             " ORDER BY started DESC, name DESC LIMIT 1"
         ) as cursor:
             row = await cursor.fetchone()
@@ -239,7 +269,7 @@ class StateStore:
     # -- studies ---------------------------------------------------------------------------
 
     async def add_studies(
-        self, run: str, rows: Iterable[tuple[int, str, str, bool, str, str | None]]
+        self, run: str, rows: Iterable[tuple[int, str, str, bool, StudyState, str | None]]
     ) -> None:
         """Insert (review_id, original uid, accession, protocol flag, state, reason) rows."""
         now = _now()
@@ -254,7 +284,12 @@ class StateStore:
         await self.db.commit()
 
     async def update_study(self, run: str, review_id: int, **columns: Any) -> None:
+        """Set *columns* of one study (``failure`` takes a :class:`Failure` or None)."""
+        if "failure" in columns:
+            failure = columns["failure"]
+            columns["failure"] = failure.name if failure is not None else None
         allowed = {
+            "failure",
             "state",
             "reason",
             "expected",
@@ -282,14 +317,21 @@ class StateStore:
             rows = await cursor.fetchall()
         return [_study(row) for row in rows]
 
+    async def study(self, run: str, review_id: int) -> StudyRecord | None:
+        async with self.db.execute(
+            "SELECT * FROM studies WHERE run = ? AND review_id = ?", (run, review_id)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _study(row)
+
     # -- files -----------------------------------------------------------------------------
 
     async def add_files(self, run: str, records: Iterable[FileRecord]) -> None:
         """Record file outcomes (replacing a previous record of the same file), one commit."""
         await self.db.executemany(
             "INSERT OR REPLACE INTO files (run, review_id, name, status, output, reason, "
-            "cleaned_study_uid, sop_instance_uid, modality, sop_class, series_uid, pushed) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "cleaned_study_uid, sop_instance_uid, modality, sop_class, series_uid, pushed, "
+            "transfer_syntax) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     run,
@@ -304,6 +346,7 @@ class StateStore:
                     r.sop_class,
                     r.series_uid,
                     int(r.pushed),
+                    r.transfer_syntax,
                 )
                 for r in records
             ],
@@ -363,7 +406,7 @@ def _run(row: Any) -> RunRecord:
     return RunRecord(
         row["name"],
         Path(row["path"]),
-        row["state"],
+        RunState(row["state"]),
         bool(row["practice"]),
         bool(row["no_push"]),
         row["started"],
@@ -379,7 +422,7 @@ def _study(row: Any) -> StudyRecord:
         row["original_study_uid"],
         row["accession_no"],
         bool(row["has_protocol_series"]),
-        row["state"],
+        StudyState(row["state"]),
         row["reason"],
         row["expected"],
         row["landed"],
@@ -389,6 +432,7 @@ def _study(row: Any) -> StudyRecord:
         row["cleaned_study_uid"],
         row["duplicates"],
         row["notes"],
+        Failure[row["failure"]] if row["failure"] else None,
     )
 
 
@@ -405,4 +449,5 @@ def _file(row: Any) -> FileRecord:
         row["sop_class"],
         row["series_uid"],
         bool(row["pushed"]),
+        row["transfer_syntax"],
     )

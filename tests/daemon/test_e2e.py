@@ -234,7 +234,7 @@ def test_reviews_written_during_a_run_neither_block_nor_get_lost(
         finished.set()
         thread.join()
 
-    assert len(seconds) >= 20, f"only {len(seconds)} writes during the run: no overlap to test"
+    assert len(seconds) >= 10, f"only {len(seconds)} writes during the run: no overlap to test"
     assert max(seconds) < 2.0, f"a reviewer's write waited {max(seconds):.1f} s"
     for study_id in added:  # every reviewed study the app added is there, untouched
         row = db.get_study(study_id)

@@ -42,11 +42,11 @@ import pytest
 
 from anonpipe.anon.identity import TABLES
 from anonpipe.config import Settings, load_settings
-from anonpipe.daemon import rundir as audit
+from anonpipe.daemon import audit
 from anonpipe.daemon.rundir import AUDIT_FILES, RunDir
-from anonpipe.daemon.runner import RUN_PHASES
 from anonpipe.daemon.service import Service
 from anonpipe.daemon.state import StateStore
+from anonpipe.daemon.states import RUN_PHASES
 from tests.harness.daemon import Daemon, make_site, query_state, run_state
 from tests.harness.deployment import Site, StudyPlan, build_site
 from tests.harness.orthanc import OrthancFactory, OrthancServer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anonpipe.daemon import rundir
+from anonpipe.daemon import audit, rundir
 from anonpipe.daemon.rundir import AUDIT_FILES, RUN_PREFIX, RunDir
 
 NOW = 1367582400.7  # 2013-05-03 12:00:00.7 UTC
@@ -217,14 +217,14 @@ def test_finish_writes_done(run: RunDir) -> None:
 def test_overview_lines_match_the_old_pipeline(run: RunDir) -> None:
     """The sample overview.txt of ORIGINALS.md, line for line."""
     lines = [
-        rundir.starting(datetime(2013, 5, 3, 8, 0, 59)),
-        rundir.valid_reviewed(100),
-        rundir.received(23948, 100),
-        rundir.protocol_summary(1, 1),
-        rundir.protocol_missing(1),
-        rundir.hooked(22755, 96),
-        rundir.push_completed(datetime(2013, 5, 3, 15, 15)),
-        rundir.pushed(96),
+        audit.starting(datetime(2013, 5, 3, 8, 0, 59)),
+        audit.valid_reviewed(100),
+        audit.received(23948, 100),
+        audit.protocol_summary(1, 1),
+        audit.protocol_missing(1),
+        audit.hooked(22755, 96),
+        audit.push_completed(datetime(2013, 5, 3, 15, 15)),
+        audit.pushed(96),
     ]
     assert lines == [
         "Starting at 2013-05-03 08:00",
@@ -244,7 +244,7 @@ def test_overview_lines_match_the_old_pipeline(run: RunDir) -> None:
 
 
 def test_held_back_line() -> None:
-    assert rundir.held_back(2) == "2 studies held back: their reviews conflict, see comments.txt"
+    assert audit.held_back(2) == "2 studies held back: their reviews conflict, see comments.txt"
 
 
 def test_overview_stream_buffers_partial_lines(run: RunDir) -> None:
@@ -288,7 +288,7 @@ def test_overview_stream_works_with_print_and_closes(run: RunDir) -> None:
 
 
 def test_comments_lines() -> None:
-    lines = rundir.comments_lines(
+    lines = audit.comments_lines(
         [
             ("1.2.3", ["looks fine", "second reviewer:\nhas a\r\nprotocol series"], None),
             ("1.2.4", [], None),
@@ -310,11 +310,11 @@ def test_comments_lines() -> None:
 
 
 def test_comments_lines_written_to_comments_txt(run: RunDir) -> None:
-    run.write_lines("comments.txt", rundir.comments_lines([("1.2.3", ["a\nb"], None)]))
+    run.write_lines("comments.txt", audit.comments_lines([("1.2.3", ["a\nb"], None)]))
     assert (run.path / "comments.txt").read_text() == "1.2.3\n\ta\n\tb\n"
 
 
 @pytest.mark.parametrize("uid", ["1.2\t3", "1.2\n3"])
 def test_comments_lines_refuses_a_uid_that_breaks_the_layout(uid: str) -> None:
     with pytest.raises(ValueError, match="study UID"):
-        rundir.comments_lines([(uid, [], None)])
+        audit.comments_lines([(uid, [], None)])

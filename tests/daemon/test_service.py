@@ -20,6 +20,7 @@ from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.service import Service
 from anonpipe.daemon.state import RunRecord
+from anonpipe.daemon.states import RunState
 from anonpipe.hooks import registry
 from tests.harness.dcmtk import StoreSCP
 from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site, write_config
@@ -190,7 +191,7 @@ def test_misroute_blocks_pulls_until_resume(site: Site, tmp_path: Path) -> None:
             runs = await service.store.runs()
             site.staging.add_modality("anonpipe", OUR_AE, LOOPBACK, settings.local.port)
             resumed = await service._resume({})
-            await service.store.set_run_state(runs[-1].name, "stopped")  # restart-run
+            await service.store.set_run_state(runs[-1].name, RunState.STOPPED)  # restart-run
             await service._cycle()
             final = (await service.store.runs())[-1]
             return blocked_state, runs[-1].error, service.paused, resumed, final.state == "done"
