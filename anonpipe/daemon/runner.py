@@ -348,7 +348,7 @@ async def _pull_summaries(ctx: RunContext) -> None:
     files = sum(s.landed for s in studies)
     with_files = sum(1 for s in studies if s.landed)
     overview_once(ctx.rdir, audit.received(files, with_files))
-    not_pulled = [s for s in studies if s.state is StudyState.FAILED and not s.landed]
+    not_pulled = [s for s in studies if s.failure is not None and not s.landed]
     if not_pulled:
         overview_once(ctx.rdir, audit.not_pulled(len(not_pulled)))
 

@@ -46,7 +46,7 @@ from anonpipe.daemon import audit
 from anonpipe.daemon.rundir import AUDIT_FILES, RunDir
 from anonpipe.daemon.service import Service
 from anonpipe.daemon.state import StateStore
-from anonpipe.daemon.states import RUN_PHASES
+from anonpipe.daemon.states import RUN_PHASES, RunState, StudyState
 from tests.harness.daemon import Daemon, make_site, query_state, run_state
 from tests.harness.deployment import Site, StudyPlan, build_site
 from tests.harness.orthanc import OrthancFactory, OrthancServer
@@ -69,25 +69,10 @@ PLAN = StudyPlan(
 KILLS = 10
 DEFAULT_SEED = 7
 
-#: Run states in order, and per run state the study states still to do.
+#: Run states in order.
 PHASES = RUN_PHASES
-PENDING = {
-    "pulling": ("selected", "pulling"),
-    "pushing": ("deidentified", "pushing"),
-    "writing_back": ("verified", "failed"),
-}
-#: Where a study in hand is, per run state, first match wins (between studies: the next one's).
-IN_HAND = {
-    "selecting": ("selected",),
-    "pulling": ("pulling", "selected"),
-    "checking": ("deidentified",),
-    "hooking": ("deidentified",),
-    "pushing": ("pushing", "deidentified"),
-    "writing_back": ("verified", "failed"),
-    "done": ("published",),
-}
 
-#: (run state's index, studies done with that state's work, objects on the way): see progress().
+#: (run state's index, the sum of its studies' ranks, objects on the way): see progress().
 Progress = tuple[int, int, int]
 START: Progress = (-1, 0, 0)
 
@@ -107,38 +92,45 @@ def _count(folder: Path, depth: int) -> int:
 def progress(site: Site) -> Progress:
     """The run's durable progress, which only grows, across kills too.
 
-    The run state, the studies done with its work, and within a study what is there for good:
-    its objects landed and de-identified while pulling, the objects in the research PACS while
-    pushing. A resumed run keeps all of these, so "the killed run got as far as the reference
-    had at t" is ``progress(killed) >= progress(reference at t)``.
+    The run state, how far its studies are (each study's state ranks its steps; studies flow
+    side by side, so the sum is what grows), and the objects there for good: landed,
+    de-identified, in the research PACS. A resumed run keeps all of these, so "the killed run
+    got as far as the reference had at t" is ``progress(killed) >= progress(reference at t)``.
     """
     run = run_state(site)
     if run == "failed":
         raise AssertionError(f"the run failed: {query_state(site, 'SELECT error FROM runs')}")
     if run not in PHASES:
         return START
-    studies = query_state(site, "SELECT review_id, state, cleaned_study_uid FROM studies")
-    pending = (*PENDING.get(str(run), ()), "held")
-    done = sum(1 for _id, state, _uid in studies if state not in pending)
+    states = [StudyState(str(s)) for (s,) in query_state(site, "SELECT state FROM studies")]
     objects = 0
-    in_hand = [review_id for review_id, state, _uid in studies if state == "pulling"]
     runs = RunDir.list(site.data_dir)
-    if run == "pulling" and in_hand and runs:
-        objects = _count(runs[-1].from_staging / str(in_hand[0]), 0)
-        known = {str(uid) for _id, _state, uid in studies if uid}
-        for folder in os.scandir(runs[-1].to_production):
-            if folder.name not in known:  # the study in hand's, de-identified so far
-                objects += _count(Path(folder.path), 1)
-    elif run == "pushing":
-        objects = int(site.research.get_json("/statistics")["CountInstances"])
-    return (PHASES.index(str(run)), done, objects)
+    if runs:
+        objects += _count(runs[-1].from_staging, 1) + _count(runs[-1].to_production, 2)
+    if any(s.rank >= StudyState.PUSHING.rank for s in states):
+        objects += int(site.research.get_json("/statistics")["CountInstances"])
+    return (PHASES.index(RunState(str(run))), sum(s.rank for s in states), objects)
+
+
+def in_hand(site: Site) -> str:
+    """The study states a kill can interrupt that were there at once (joined)."""
+    states = {str(s) for (s,) in query_state(site, "SELECT state FROM studies")}
+    return (
+        "+".join(
+            sorted(
+                states
+                & {"selected", "pulling", "deidentified", "hooked", "pushing", "verified", "failed"}
+            )
+        )
+        or "-"
+    )
 
 
 def describe(point: Progress) -> str:
-    phase, done, objects = point
+    phase, ranks, objects = point
     if phase < 0:
         return "started"
-    return f"{PHASES[phase]}, {done} studies done" + (f", {objects} objects" if objects else "")
+    return f"{PHASES[phase]}, study ranks {ranks}" + (f", {objects} objects" if objects else "")
 
 
 @dataclass(frozen=True)
@@ -188,7 +180,7 @@ class Timeline:
     def first(self, predicate: Callable[[Progress], bool]) -> float:
         return next((t for t, p in zip(self.times, self.points, strict=True) if predicate(p)), 0)
 
-    def span(self, phase: str) -> float:
+    def span(self, phase: RunState) -> float:
         """How long the reference spent in run state *phase* (0 when too short to be seen)."""
         index = PHASES.index(phase)
         start = self.first(lambda p: p[0] >= index)
@@ -217,28 +209,28 @@ def watch(site: Site, daemon: Daemon, timeout: float = 180.0) -> Timeline:
 
 
 def draw(rng: random.Random, ref: Timeline) -> list[Moment]:
-    """Ten moments over the reference run: one in each step too short to be hit by chance
-    (start-up, between two studies, the hook, a study's verification, the write-back), five
-    spread uniformly over the pulls and pushes (one in each fifth)."""
-    pulling, hooking, pushing, writing = (
-        PHASES.index(p) for p in ("pulling", "hooking", "pushing", "writing_back")
+    """Ten moments over the reference run: four just after a study's state was committed
+    (between two steps: a pull's end, a hook, a verification, a write-back; too short to be hit
+    by chance), five spread uniformly over the run (one in each fifth), and one at start-up."""
+    pulling, writing = PHASES.index(RunState.PULLING), PHASES.index(RunState.WRITING_BACK)
+    # The first point of each study-rank sum: just after some study's state changed.
+    steps = sorted(
+        {
+            min(p for p in ref.points if p[:2] == key)
+            for key in {p[:2] for p in ref.points if p[0] >= pulling}
+        }
     )
-    moments = []
-    # Between studies: just after a study's state is committed, before the next one starts
-    # (not the first study of a step: that is a step's start).
-    first = {phase: min(p[1] for p in ref.points if p[0] == phase) for phase in (pulling, pushing)}
-    steps = sorted({(p[0], p[1], 0) for p in ref.points if p[0] in first and p[1] > first[p[0]]})
-    moments.append(Moment("between studies", rng.choice(steps), 0.0))
-    moments.append(Moment("hook", (hooking, 0, 0), rng.uniform(0, ref.span("hooking"))))
-    # Verification: the research PACS holds all of a study's objects, its state not yet verified.
-    pushed = [p for p in ref.points if p[0] == pushing]
-    verifying = [max(p for p in pushed if p[1] == done) for done in sorted({p[1] for p in pushed})]
-    moments.append(Moment("verification", rng.choice(verifying[:-1] or verifying), 0.0))
-    moments.append(Moment("write-back", (writing, 0, 0), rng.uniform(0, ref.span("writing_back"))))
+    steps = [p for p in steps if p[1] > 0]
+    moments = [
+        Moment("after a study's step", point, 0.0)
+        for point in rng.sample(steps, min(4, len(steps)))
+    ]
     begin = ref.first(lambda p: p[0] >= pulling)
-    end = ref.first(lambda p: p[0] >= writing)
-    for k in range(KILLS - 5):
-        t = begin + (end - begin) * (k + rng.random()) / (KILLS - 5)
+    # The last progress seen before the run's summaries (too short to be seen, often).
+    end = max((t for t, p in zip(ref.times, ref.points, strict=True) if p[0] < writing), default=0)
+    spread = KILLS - 1 - len(moments)
+    for k in range(spread):
+        t = begin + (end - begin) * (k + rng.random()) / spread
         moments.append(Moment(f"{t:.2f} s into the run", ref.at(t), 0.0))
     moments.sort(key=lambda m: (m.point, m.delay))
     # Start-up, before READY=1: at any restart.
@@ -260,9 +252,8 @@ def kill_at(site: Site, sockets: Path, moment: Moment) -> Kill:
     after = time.monotonic() - started
     run = run_state(site)
     states = [str(s) for (s,) in query_state(site, "SELECT state FROM studies")]
-    hand = next((s for s in IN_HAND.get(str(run), ()) if s in states), "-")
     counts = dict(sorted(Counter(states).items()))
-    return Kill(moment, after, ready, run, hand, counts, progress(site))
+    return Kill(moment, after, ready, run, in_hand(site), counts, progress(site))
 
 
 def research_shape(server: OrthancServer) -> list[tuple[int, ...]]:
@@ -331,9 +322,11 @@ def end_state(site: Site) -> dict[str, object]:
     for name in AUDIT_FILES:
         lines = [masked(line, cleaned) for line in run.read_lines(name)]
         if name.startswith("post_anon"):
-            # The hook lists the studies by folder name (the cleaned UID, random per site), each
-            # with the modality of its first series by folder name: random too in a CT + MR study.
-            lines = sorted("\t".join(line.split("\t")[:3]) for line in lines)
+            # The hook lists the studies by cleaned UID (random per site), each with the
+            # modality of its first file: random too in a CT + MR study.
+            lines = ["\t".join(line.split("\t")[:3]) for line in lines]
+        if name != "overview.txt":
+            lines = sorted(lines)  # studies flow side by side: their lines interleave
         state[name] = lines if run.has(name) else None
     state["quarantine"] = sorted(
         json.loads(p.read_text())["reason"] for p in run.quarantine.glob("*.json")
@@ -423,7 +416,7 @@ def test_kill_9_at_ten_random_moments_ends_as_an_uninterrupted_run(
     finished = time.monotonic()
     print(
         f"seed {seed}: sites built in {built - began:.1f} s, reference run {ref.length:.1f} s"
-        f" (hook {ref.span('hooking'):.2f} s, write-back {ref.span('writing_back'):.2f} s),"
+        f" (write-back {ref.span(RunState.WRITING_BACK):.2f} s),"
         f" killed run {finished - killed_from:.1f} s; temporary files left {leftovers(site)}\n"
         + context()
     )
@@ -455,9 +448,9 @@ def test_kill_9_at_ten_random_moments_ends_as_an_uninterrupted_run(
     assert got["identity.db patient rows"] == len(site.approved_uids)
     assert all(v == 0 for k, v in got.items() if k.endswith("repeated pseudonyms"))
 
-    # The kills hit the run in different steps, or the test proves little.
-    hit = {k.in_hand for k in kills if k.ready}
-    assert len(hit) >= 3, f"the kills hit only studies {hit}\n{context()}"
+    # The kills hit studies in different steps, or the test proves little.
+    hit = {state for k in kills if k.ready for state in k.in_hand.split("+")}
+    assert len(hit) >= 3, f"the kills hit only studies in {hit}\n{context()}"
 
 
 # -- the narrow windows, each hit on purpose ---------------------------------------------------
@@ -498,8 +491,8 @@ CRASH_POINTS = {
     "study's pull audited, not its state": CrashPoint(
         StateStore, "update_study", False, _study_state("deidentified")
     ),
-    "hook's overview line written, not its report": CrashPoint(
-        RunDir, "write_lines", False, lambda args, _kw: args[1] == "post_anon_output.txt"
+    "study's hook reported, not its state": CrashPoint(
+        StateStore, "update_study", False, _study_state("hooked")
     ),
     "study's push audited, not its state": CrashPoint(
         StateStore, "update_study", False, _study_state("verified")
