@@ -16,8 +16,9 @@ from pydicom import dcmread
 
 from anonpipe import cli
 from anonpipe.anon.identity import IdentityStore, load_or_create_key
+from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
-from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site
+from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site, write_config
 from tests.harness.orthanc import OrthancFactory
 from tests.harness.ports import LOOPBACK
 from tests.harness.postgres import PostgresServer
@@ -373,3 +374,68 @@ def test_run_once_over_dicom_tls_everywhere(
     for uid in site.approved_uids:
         row = site.review.find_study(uid)
         assert row.image_published and row.study_uid in research.study_instance_uids()
+
+
+def _config_with_hook(site: Site, body: str, name: str, **pipeline: object) -> None:
+    hook = site.root / f"{name}.py"
+    hook.write_text(body)
+    port = load_settings(site.config_path, {}).local.port
+    write_config(site, port, post_anon_hook=name, hook_files=[str(hook)], **pipeline)
+
+
+def test_a_per_run_hook_runs_once_between_every_pull_and_every_push(site: Site) -> None:
+    """The old hook contract: called once, when every study is de-identified and before any
+    push (it may link them all at once)."""
+    _config_with_hook(
+        site,
+        "from anonpipe.hooks import registry\n\n\n"
+        "def census(run_dir, overview, practice):\n"
+        "    studies = sorted(p.name for p in (run_dir / 'to_production').iterdir())\n"
+        "    pushed = (run_dir / 'push_output.txt').exists()\n"
+        "    overview.write(f'census saw {len(studies)} studies\\n')\n"
+        "    return f'studies {len(studies)} pushed-before {pushed}'\n\n\n"
+        "registry.register(census, name='census')\n",
+        "census",
+    )
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    run = _only_run(site)
+    assert run.read_lines("post_anon_output.txt") == [
+        f"studies {len(site.approved_uids)} pushed-before False"
+    ]
+    overview = run.read_lines("overview.txt")
+    assert overview.count(f"census saw {len(site.approved_uids)} studies") == 1
+    assert not any("hooked up to an encounter" in line for line in overview)
+    assert len(site.research.instances()) == site.expected_instances()
+
+
+def test_a_per_study_hook_lets_a_push_overlap_the_next_pull(site: Site) -> None:
+    """A per-study hook is called once per study as soon as it is de-identified; studies flow
+    side by side, so a later study is de-identified after an earlier one was pushed."""
+    _config_with_hook(
+        site,
+        "from anonpipe.hooks import per_study, registry\n\n\n"
+        "@per_study\n"
+        "def each(study, practice):\n"
+        "    pushed = (study.run_dir / 'push_output.txt').exists()\n"
+        "    files = sum(1 for _ in study.folder.rglob('*.dcm'))\n"
+        "    return f'{study.study_uid}\\t{study.files}\\t{files}\\tpushed-before {pushed}'\n\n\n"
+        "registry.register(each, name='each')\n",
+        "each",
+        studies_in_flight=2,
+    )
+    assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
+    run = _only_run(site)
+    lines = [line.split("\t") for line in run.read_lines("post_anon_output.txt")]
+    published = {site.review.find_study(uid).study_uid for uid in site.approved_uids}
+    assert {uid for uid, *_ in lines} == published  # once per study, each published
+    assert all(files == on_disk for _uid, files, on_disk, _pushed in lines)
+    assert any(pushed == "pushed-before True" for *_, pushed in lines), lines
+    total = sum(int(files) for _uid, files, *_ in lines)
+    assert (
+        run.read_lines("overview.txt").count(
+            f"{total} files containing {len(lines)} studies were successfully hooked up to an"
+            " encounter."
+        )
+        == 1
+    )
+    assert len(site.research.instances()) == site.expected_instances()
