@@ -325,7 +325,9 @@ class ResearchSettings:
     host: str = field(default="127.0.0.1", metadata={"check": _host})
     port: int = field(default=4243, metadata={"check": _port})
     connect_timeout: float = field(default=10.0, metadata={"check": _positive})
-    push_associations: int = field(default=1, metadata={"check": _between(1, 16, "an integer")})
+    #: Parallel C-STORE associations per study push: 2 nearly doubles the push into Orthanc on
+    #: two cores, 4 adds 15-20 % more (bench/RESULTS.md, network throughput, issue 12).
+    push_associations: int = field(default=2, metadata={"check": _between(1, 16, "an integer")})
     retries: int = field(default=3, metadata={"check": _between(0)})
     retry_backoff: float = field(default=2.0, metadata={"check": _between(0)})
     tls: ClientTls | None = field(default=None, metadata={"check": _client_tls})

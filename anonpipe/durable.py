@@ -1,4 +1,12 @@
-"""Durability on disk: what "written" means everywhere in anonpipe."""
+"""Durability on disk: what "written" means everywhere in anonpipe.
+
+Objects pulled by C-MOVE still exist in the staging PACS, so one lost to a power cut costs a
+re-pull, not data: they are not fsynced one by one as they land (an fsync of file and folder
+before each C-STORE response cost ~3.5 ms per object here), only renamed atomically into their
+final name. A study's landing folder, and its tree of de-identified outputs, are made durable
+in one go (:func:`sync_folder`, :func:`sync_tree`) before the study is counted pulled or its
+push recorded.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["free_bytes", "fsync_path", "move_file", "sync_filesystem"]
+__all__ = ["free_bytes", "fsync_path", "move_file", "sync_filesystem", "sync_folder", "sync_tree"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -28,6 +36,57 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_folder(path: Path) -> int:
+    """Make the folder *path* durable: fsync each file in it, the folder, and its parent (so a
+    folder created for this study survives too). Returns how many files were flushed.
+
+    Per file rather than ``syncfs``: the cost stays that of this folder's own files, whatever
+    else is being written to the filesystem (another study landing, outputs being written).
+    Measured here on 400 objects (211 MB) just landed: 0.01-0.09 s either way on an idle disk;
+    with another writer busy on the same filesystem, 0.02-0.03 s against 0.07-0.15 s for
+    ``syncfs``, which waits for the other writer's data too.
+    Subfolders are not descended into (:func:`sync_tree` does); a file removed meanwhile is
+    skipped.
+
+    Raises
+    ------
+    OSError
+        If *path* cannot be listed or a flush fails (an I/O error: the data is not durable).
+    """
+    files = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                fsync_path(Path(entry.path))
+                files += 1
+    fsync_path(path)
+    fsync_path(path.parent)
+    return files
+
+
+def sync_tree(root: Path) -> int:
+    """:func:`sync_folder` for *root* and every folder below it (e.g. a study's de-identified
+    ``<study>/<series>/<instance>.dcm`` tree), deepest first, so that each folder is flushed
+    after the entries made in it. Returns how many files were flushed; 0 when *root* does not
+    exist (a study whose every object was quarantined has no outputs).
+
+    Raises
+    ------
+    OSError
+        If a folder cannot be listed or a flush fails.
+    """
+    if not root.is_dir():
+        return 0
+    files = 0
+    for folder, _subfolders, _names in os.walk(root, topdown=False, onerror=_raise):
+        files += sync_folder(Path(folder))
+    return files
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def sync_filesystem(path: Path) -> None:

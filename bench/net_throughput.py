@@ -10,17 +10,23 @@ case, each a pair of a reference and ours measured in turn, in the same run:
 - receive: ``storescu`` -> ``storescp`` (writing files) vs ``storescu`` -> our StorageSCP, with
   1 sender and with 4 (the study split by series over 4 ``storescu`` processes at once; the
   reference is then ``storescp --fork``, one process per association);
-- send: ``storescu`` -> Orthanc vs :func:`anonpipe.scu.push_files` -> the same Orthanc, with 1
+- send: ``storescu`` -> Orthanc vs :func:`anonpipe.scu.push_items` -> the same Orthanc, with 1
   and 4 associations (4 ``storescu`` processes for the reference); Orthanc is emptied before
-  each run;
+  each run. The items (path and header UIDs) are built before the clock starts, as the daemon
+  builds them from its state store; ``--push-files`` times :func:`anonpipe.scu.push_files`
+  (which reads every header) instead;
 - pull: ``movescu`` (study level) into ``storescp`` vs :func:`anonpipe.scu.pull_study` into our
   SCP, from a staging Orthanc holding the study.
 
 Every run checks that all objects arrived (a bench that loses files fails) and starts after
 ``sync``. DCMTK tools and Orthanc run with ``TCP_NODELAY=1``; our side runs as it is configured
-(our SCP spools into a folder on the landing filesystem and fsyncs each object). Printed:
-median seconds and files/s per case and the ratio ours/reference (target >= 0.9). ``--record``
-appends a dated section to bench/RESULTS.md; ``--note`` adds a paragraph to it.
+(our SCP spools into a folder on the landing filesystem and renames each object into place;
+after each receive or pull the landing folder is made durable with
+:func:`anonpipe.durable.sync_folder`, inside the timing, as the daemon does once per study).
+Printed: median seconds and files/s per case and the ratio ours/reference (target >= 0.9).
+``--push-sweep 1,2,4`` then times the push with each number of associations (reference: as
+many ``storescu`` processes, the series split between them). ``--record`` appends a dated
+section to bench/RESULTS.md; ``--note`` adds a paragraph to it.
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
 from anonpipe.config import LocalSettings, Peer, ResearchSettings, StagingSettings
+from anonpipe.durable import sync_folder
 from anonpipe.logs import configure_logging
 from anonpipe.scp import LandingRegistry, StorageSCP
-from anonpipe.scu import pull_study, push_files
+from anonpipe.scu import PushItem, PushReport, pull_study, push_files, push_items, read_item
 from bench.anon_throughput import _warm
 from tests.harness.dcmtk import StoreSCP, movescu, storescu
 from tests.harness.orthanc import OrthancServer
@@ -75,6 +82,8 @@ class StudySet:
     series_dirs: tuple[Path, ...]
     paths: tuple[Path, ...]
     size: int
+    #: What the daemon's state store holds for each file (built once, outside the timings).
+    items: tuple[PushItem, ...] = ()
 
     @property
     def count(self) -> int:
@@ -99,12 +108,12 @@ PAIRS = (
         f"{SENDERS}{X} `storescu` → `storescp --fork`",
         f"{SENDERS}{X} `storescu` → anonpipe SCP",
     ),
-    Pair("send", "1 association", "`storescu` → Orthanc", "`push_files` → Orthanc"),
+    Pair("send", "1 association", "`storescu` → Orthanc", "`push_items` → Orthanc"),
     Pair(
         "send",
         f"{SENDERS} associations",
         f"{SENDERS}{X} `storescu` → Orthanc",
-        f"`push_files(associations={SENDERS})` → Orthanc",
+        f"`push_items(associations={SENDERS})` → Orthanc",
     ),
     Pair("pull", "study C-MOVE", "`movescu` → `storescp`", "`pull_study` → anonpipe SCP"),
 )
@@ -123,7 +132,8 @@ def make_study(root: Path, files: int) -> StudySet:
     paths = tuple(sorted(root.rglob("*.dcm")))
     series_dirs = tuple(sorted({p.parent for p in paths}))
     study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    return StudySet(root, study_uid, series_dirs, paths, _warm(root))
+    items = tuple(read_item(path) for path in paths)
+    return StudySet(root, study_uid, series_dirs, paths, _warm(root), items)
 
 
 @dataclass
@@ -202,18 +212,41 @@ def receive_storescp(scp: StoreSCP, study: StudySet, senders: int) -> float:
 def receive_ours(servers: Servers, study: StudySet, senders: int, landing_dir: Path) -> float:
     dirs = study.series_dirs if senders > 1 else (study.root,)
     with servers.registry.expect(study.study_uid, landing_dir) as landing:
-        elapsed = _timed(lambda: _storescu_parallel(servers.local.port, OUR_AET, dirs))
+        start = time.perf_counter()
+        _storescu_parallel(servers.local.port, OUR_AET, dirs)
+        sync_folder(landing_dir)
+        elapsed = time.perf_counter() - start
         _expect("anonpipe SCP", landing.landed, study.count)
     shutil.rmtree(landing_dir)
     return elapsed
 
 
+def _split(study: StudySet, senders: int) -> list[list[Path]]:
+    """The series folders dealt to `senders` senders (the study's root for one)."""
+    if senders == 1:
+        return [[study.root]]
+    return [list(study.series_dirs[i::senders]) for i in range(senders)]
+
+
+def _storescu_groups(port: int, called_aet: str, groups: Sequence[Sequence[Path]]) -> None:
+    """One ``storescu`` process per group of folders, all at once."""
+    with ThreadPoolExecutor(len(groups)) as pool:
+        done = pool.map(
+            lambda g: storescu(port, g, called_aet=called_aet, calling_aet=STORESCU_AET), groups
+        )
+        list(done)
+
+
 def send_storescu(research: OrthancServer, study: StudySet, senders: int) -> float:
     research.delete_all()
-    dirs = study.series_dirs if senders > 1 else (study.root,)
-    elapsed = _timed(lambda: _storescu_parallel(research.dicom_port, research.aet, dirs))
+    groups = _split(study, senders)
+    elapsed = _timed(lambda: _storescu_groups(research.dicom_port, research.aet, groups))
     _expect("research Orthanc", research.count_instances(study.study_uid), study.count)
     return elapsed
+
+
+#: Set by --push-files: time push_files (reads each header) instead of push_items.
+PUSH_READS_HEADERS = False
 
 
 def send_ours(servers: Servers, study: StudySet, associations: int) -> float:
@@ -221,7 +254,11 @@ def send_ours(servers: Servers, study: StudySet, associations: int) -> float:
     research.delete_all()
     target = ResearchSettings(ae_title=research.aet, host=LOOPBACK, port=research.dicom_port)
     start = time.perf_counter()
-    report = push_files(servers.local, target, study.paths, associations=associations)
+    report: PushReport
+    if PUSH_READS_HEADERS:
+        report = push_files(servers.local, target, study.paths, associations=associations)
+    else:
+        report = push_items(servers.local, target, study.items, associations=associations)
     elapsed = time.perf_counter() - start
     if report.failed:
         raise RuntimeError(f"push: {len(report.failed)} failed, first: {report.failed[0]}")
@@ -246,6 +283,7 @@ def pull_ours(servers: Servers, study: StudySet, landing_dir: Path) -> float:
     staging = StagingSettings(ae_title=STAGING_AET, host=LOOPBACK, port=servers.staging.dicom_port)
     start = time.perf_counter()
     result = pull_study(servers.local, staging, servers.registry, study.study_uid, landing_dir)
+    sync_folder(landing_dir)
     elapsed = time.perf_counter() - start
     if result.status != "complete":
         raise RuntimeError(f"pull: {result.status}: {result.detail}")
@@ -359,8 +397,9 @@ def record(rows: Sequence[Row], study: StudySet, rounds: int, seconds: float, no
         f"{study.count:,} generated CT objects, 512{X}512{X}16 bit, explicit VR little endian, "
         f"{study.size / 1e6:.0f} MB, one study in {len(study.series_dirs)} series; loopback, "
         f"{_versions()}; every DCMTK tool and Orthanc with `TCP_NODELAY=1`; all files on "
-        f"{_fs_type(study.root)} (our SCP fsyncs each object and its folder, `storescp` does "
-        f"not); median of {rounds} round(s), whole bench {seconds:.0f} s.",
+        f"{_fs_type(study.root)} (our SCP renames each object into place and the landing folder "
+        f"is synced once per receive or pull, `sync_folder`, timed; `storescp` does not sync); "
+        f"median of {rounds} round(s), whole bench {seconds:.0f} s.",
         "",
         "| case | reference | files/s | anonpipe | files/s | ours/ref |",
         "|---|---|---:|---|---:|---:|",
@@ -383,6 +422,35 @@ def record(rows: Sequence[Row], study: StudySet, rounds: int, seconds: float, no
     print(f"recorded in {RESULTS}")
 
 
+def push_sweep(
+    servers: Servers, study: StudySet, counts: Sequence[int], rounds: int
+) -> list[tuple[int, float, float]]:
+    """Median seconds of the reference and of ours for each number of associations, alternating;
+    printed as a table. Returns (associations, reference s, ours s) per count."""
+    times: dict[tuple[str, int], list[float]] = {}
+    for round_ in range(rounds):
+        for n in counts:
+            for who in ("ref", "ours"):
+                os.sync()
+                if who == "ref":
+                    elapsed = send_storescu(servers.research, study, n)
+                else:
+                    elapsed = send_ours(servers, study, n)
+                times.setdefault((who, n), []).append(elapsed)
+                print(f"round {round_ + 1} push sweep {who:4s} {n} association(s) {elapsed:7.2f} s "
+                      f"{study.count / elapsed:6.0f} files/s", flush=True)  # fmt: skip
+    rows = [
+        (n, statistics.median(times[("ref", n)]), statistics.median(times[("ours", n)]))
+        for n in counts
+    ]
+    print(f"\npush sweep, {study.count} files, median of {rounds} round(s)")
+    print(f"{'associations':>12s} {'storescu f/s':>12s} {'ours f/s':>9s} {'ours/ref':>8s}")
+    for n, ref_s, ours_s in rows:
+        print(f"{n:12d} {study.count / ref_s:12.0f} {study.count / ours_s:9.0f} "
+              f"{ref_s / ours_s:8.2f}")  # fmt: skip
+    return rows
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -402,7 +470,18 @@ def main() -> int:
     parser.add_argument(
         "--note", default="", help="text for the recorded section (blank lines: paragraphs)"
     )
+    parser.add_argument(
+        "--push-files", action="store_true", help="time push_files (reads headers), not push_items"
+    )
+    parser.add_argument(
+        "--push-sweep",
+        default="",
+        help="comma-separated numbers of push associations to time afterwards, e.g. 1,2,4",
+    )
     args = parser.parse_args()
+    global PUSH_READS_HEADERS
+    PUSH_READS_HEADERS = args.push_files
+    sweep = [int(n) for n in args.push_sweep.split(",") if n.strip()]
 
     configure_logging("warning")
     began = time.perf_counter()
@@ -431,6 +510,8 @@ def main() -> int:
                         times.setdefault(name, []).append(elapsed)
                         print(f"round {round_ + 1} {name:44s} {elapsed:7.2f} s "
                               f"{study.count / elapsed:6.0f} files/s", flush=True)  # fmt: skip
+            if sweep:
+                push_sweep(servers, study, sweep, args.rounds)
         rows = summarize(pairs, times, study.count)
         seconds = time.perf_counter() - began
         print(f"\n{study.count} files, median of {args.rounds} round(s), {seconds:.0f} s in all")

@@ -28,7 +28,7 @@ from anonpipe.daemon.rundir import post_anon_output
 from anonpipe.daemon.state import FileRecord, StudyRecord
 from anonpipe.daemon.states import Failure, StudyState
 from anonpipe.daemon.workers import Task
-from anonpipe.durable import sync_filesystem
+from anonpipe.durable import sync_folder, sync_tree
 from anonpipe.hooks import HookStudy, StudyHook, run_study_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import Arrival
@@ -41,6 +41,7 @@ from anonpipe.scu import (
     list_instances,
     pull_study,
     push_files,
+    push_items,
     verify_studies,
 )
 
@@ -143,7 +144,7 @@ async def pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyRecor
             " resumes where it stopped"
         )
     # The one sync that makes the study's landed objects and its outputs durable.
-    await asyncio.to_thread(sync_filesystem, rdir.path)
+    await asyncio.to_thread(_sync_study, landing_dir, outcomes, rdir.quarantine)
     records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(ctx.run.name, records)
     _write_anonymize_lines(ctx, study, records, outcomes)
@@ -179,6 +180,18 @@ async def pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyRecor
         reason = audit.all_quarantined(why)
         return await _fail(ctx, study, Failure.ALL_QUARANTINED, reason, **counts)
     return await _set(ctx, study, StudyState.DEIDENTIFIED, reason=None, **counts)
+
+
+def _sync_study(landing_dir: Path, outcomes: list[Outcome], quarantine: Path) -> None:
+    """fsync what the study landed and wrote (its landing folder, its output tree, the
+    quarantine folder) and nothing else: ``syncfs`` would wait for the other studies in flight
+    too (bench/RESULTS.md, network throughput, issue 12)."""
+    sync_folder(landing_dir)
+    studies = {o.output.parent.parent for o in outcomes if o.status == "clean" and o.output}
+    for tree in sorted(studies):
+        sync_tree(tree)
+    if any(o.status == "quarantined" for o in outcomes):
+        sync_folder(quarantine)
 
 
 def _write_anonymize_lines(
@@ -222,7 +235,7 @@ def _record(review_id: int, outcome: Outcome) -> FileRecord:
         modality=outcome.modality,
         sop_class=outcome.sop_class_uid,
         series_uid=outcome.series_uid if clean else None,
-        transfer_syntax=getattr(outcome, "transfer_syntax_uid", None) if clean else None,
+        transfer_syntax=outcome.transfer_syntax_uid if clean else None,
     )
 
 
@@ -361,10 +374,11 @@ def _push(
     items: list[PushItem | Path],
     **kwargs: Any,
 ) -> PushReport:
-    # TEMPORARY until scu.push_items lands: push_files reads each header again.
+    if all(isinstance(i, PushItem) for i in items):
+        return push_items(local, research, [i for i in items if isinstance(i, PushItem)], **kwargs)
+    # A study an older version de-identified: its headers say what the store does not.
     paths = [i.path if isinstance(i, PushItem) else i for i in items]
-    report: PushReport = push_files(local, research, paths, **kwargs)
-    return report
+    return push_files(local, research, paths, **kwargs)
 
 
 def _progress(counts: dict[int, int], key: int, start: int) -> Callable[[], None]:

@@ -7,8 +7,9 @@ Contracts (one place for each):
   and (transient, local limit exceeded) an allowed one when all slots are taken.
 - ``EVT_CONN_OPEN`` / ``EVT_CONN_CLOSE`` → :class:`~anonpipe.scp.connections.ConnectionGuard`:
   the limits on every connection (time to associate, read timeout, PDU length, per host).
-- ``EVT_C_STORE`` → :func:`on_c_store`: answer 0x0000 once the object is durable in a pull's
-  landing folder; otherwise a failure status from :class:`~anonpipe.scp.lander.Refused`, 0xA700
+- ``EVT_C_STORE`` → :func:`on_c_store`: answer 0x0000 once the object is under its final name
+  in a pull's landing folder (renamed atomically; made durable per study by the pull's caller);
+  otherwise a failure status from :class:`~anonpipe.scp.lander.Refused`, 0xA700
   when out of space, 0x0110 for anything unexpected. Never raises.
 - ``EVT_C_ECHO``: pynetdicom's default (success), reachable only by allowed peers.
 - ``EVT_CONN_CLOSE`` → :func:`on_closed`: an object whose transfer the connection cut is deleted
@@ -86,6 +87,7 @@ def on_c_store(event: Any, lander: Lander) -> int:
         move_originator_ae=_text(request.MoveOriginatorApplicationEntityTitle),
         move_originator_message_id=request.MoveOriginatorMessageID,
         write_error=spool_error(request),
+        transfer_syntax=_transfer_syntax(event),
     )
     try:
         lander.land(store)
@@ -104,6 +106,14 @@ def on_c_store(event: Any, lander: Lander) -> int:
         log.exception("object not stored: unexpected error", calling_ae=calling)
         return int(Status.PROCESSING_FAILURE)
     return int(Status.SUCCESS)
+
+
+def _transfer_syntax(event: Any) -> str:
+    """The transfer syntax negotiated for the request's presentation context ("" if unknown)."""
+    try:
+        return str(event.context.transfer_syntax)
+    except AttributeError:
+        return ""
 
 
 def _text(value: object) -> str | None:

@@ -1,10 +1,14 @@
 """Land one received object: check it, then move its file into the expecting pull's folder.
 
 pynetdicom has already streamed the object, preamble and file meta included, into a temporary
-file (see :func:`anonpipe.dimse.configure_transfer`). Landing reads only the three UIDs it needs
-from the header, refuses what must not enter a run, and otherwise fsyncs the file and renames it
-to ``<landing folder>/<SOP Instance UID>.dcm`` (then fsyncs the folder) before the caller answers
-success. The data set is never decoded and never held in memory.
+file (see :func:`anonpipe.dimse.configure_transfer`). Landing reads only the UIDs it needs from
+the first bytes of that file (:mod:`anonpipe.scp.uids`; pydicom only when that cannot tell),
+refuses what must not enter a run, and otherwise renames the file atomically to
+``<landing folder>/<SOP Instance UID>.dcm`` before the caller answers success: a torn file never
+appears under its final name. Nothing is fsynced per object (an object lost to a power cut is
+pulled again from the staging PACS); the pull's caller makes the whole landing folder durable
+once per study (:func:`anonpipe.durable.sync_folder`). The data set is never decoded and never
+held in memory.
 
 Every refusal is a :class:`Refused` carrying the status to answer; the handler turns it into
 the response in one place.
@@ -22,6 +26,7 @@ from anonpipe.durable import free_bytes, move_file
 from anonpipe.headers import read_header, text_value
 from anonpipe.scp.landing import Arrival, Landing, LandingRegistry, Tally
 from anonpipe.scp.spool import BelowFloor
+from anonpipe.scp.uids import read_head, scan
 
 __all__ = ["Lander", "Refused", "StoreRequest"]
 
@@ -58,6 +63,8 @@ class StoreRequest:
     move_originator_message_id: int | None = None
     #: Set when writing the spool file failed (a full disk): the object is incomplete.
     write_error: OSError | None = None
+    #: The negotiated transfer syntax of the data set ("" when unknown: pydicom reads it).
+    transfer_syntax: str = ""
 
 
 class Lander:
@@ -96,10 +103,11 @@ class Lander:
                 raise request.write_error
             if below_floor:  # the spool kept the header: count it against its study
                 with contextlib.suppress(Refused):
-                    study_uid = _read_uids(request.temp_path).get("study", "")
+                    uids = _read_uids(request.temp_path, request.transfer_syntax)
+                    study_uid = uids.get("study", "")
                     landing = self.registry.get(study_uid) if is_valid_uid(study_uid) else None
                 raise Refused(Status.OUT_OF_RESOURCES, BELOW_FLOOR)
-            uids = _read_uids(request.temp_path)
+            uids = _read_uids(request.temp_path, request.transfer_syntax)
             study_uid = uids.get("study", "")
             if not is_valid_uid(study_uid):
                 raise Refused(Status.CANNOT_UNDERSTAND, "Study Instance UID is not a valid UID")
@@ -135,7 +143,8 @@ class Lander:
         if self.min_free_bytes and free_bytes(landing.directory) - size < self.min_free_bytes:
             raise Refused(Status.OUT_OF_RESOURCES, BELOW_FLOOR)
         dest = landing.directory / f"{sop_uid}.dcm"
-        move_file(request.temp_path, dest)  # fsynced file and folder before we answer
+        # Atomic, not fsynced: the runner syncs the landing folder once per study.
+        move_file(request.temp_path, dest, flush=False)
         return Arrival(
             path=dest,
             study_uid=landing.study_uid,
@@ -149,8 +158,18 @@ class Lander:
         )
 
 
-def _read_uids(path: Path) -> dict[str, str]:
-    """The four UIDs of the header, as text; only the header is read."""
+def _read_uids(path: Path, transfer_syntax: str = "") -> dict[str, str]:
+    """The four UIDs of the header, as text; only the header is read.
+
+    From the file's first bytes when :func:`~anonpipe.scp.uids.scan` can tell, else by pydicom.
+    """
+    if transfer_syntax:
+        try:
+            scanned = scan(read_head(path), transfer_syntax)
+        except OSError:
+            scanned = None
+        if scanned is not None:
+            return scanned
     header = read_header(path, list(_UIDS.values()))
     if header is None:
         raise Refused(Status.CANNOT_UNDERSTAND, "unreadable header")

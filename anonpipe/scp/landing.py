@@ -29,7 +29,8 @@ class LandingError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """One object that landed: its file (final name, fsynced) and the UIDs read from its header.
+    """One object that landed: its file (final name, renamed atomically but not fsynced: see
+    :func:`anonpipe.durable.sync_folder`) and the UIDs read from its header.
 
     The UIDs are patient data (original UIDs); they are for the caller's bookkeeping, never for
     a log.
@@ -101,7 +102,7 @@ class Landing:
             try:
                 self.on_arrival(arrival)
             except Exception:
-                # The file is durable and counted; a failing consumer must not fail the store.
+                # The file is landed and counted; a failing consumer must not fail the store.
                 log.exception("arrival handler failed", landing=self.directory.name)
 
     def record_refusal(self) -> None:

@@ -23,7 +23,7 @@ from anonpipe import tls
 from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
-from anonpipe.scp import decoding, spool
+from anonpipe.scp import decoding, filemeta, spool
 from anonpipe.scp.connections import UNLIMITED_PDU_CAP, ConnectionGuard, close_unassociated
 from anonpipe.scp.handlers import on_c_store, on_closed, on_requested
 from anonpipe.scp.lander import Lander
@@ -188,6 +188,7 @@ class StorageSCP:
 
     def _prepare_spool(self) -> None:
         decoding.install(lambda _assoc: self.lander.refused.add(decoding.MALFORMED_COMMAND))
+        filemeta.install()
         floor = self.lander.min_free_bytes
         if self.spool_dir is None:
             spool.install(Path(tempfile.gettempdir()), floor)

@@ -187,7 +187,9 @@ def pull_study(
     study_uid : str
         The study (patient data: it is never logged).
     landing_dir : Path
-        Where the objects land (a run's ``from_staging/``), one file per SOP instance.
+        Where the objects land (a run's ``from_staging/``), one file per SOP instance, each
+        renamed atomically into place but not fsynced: call
+        :func:`anonpipe.durable.sync_folder` on it before counting the study pulled.
     on_arrival : callable, optional
         Called from the SCP thread for each landed object, so work can start during the pull.
     guard : MisrouteGuard, optional

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from anonpipe.scu import (
     MisrouteGuard,
     PeerUnavailable,
     PullBlocked,
+    PullResult,
     count_study,
     echo,
     pull_study,
@@ -372,3 +374,45 @@ def test_private_and_unknown_sop_classes_are_pulled_too(
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in landing_dir.iterdir()
     }
     assert {PRIVATE_SOP_CLASS, UNKNOWN_SOP_CLASS} < classes
+
+
+def test_concurrent_pulls_land_each_study_in_its_own_folder(
+    scp: StorageSCP,
+    registry: LandingRegistry,
+    local: LocalSettings,
+    staging: StagingSettings,
+    staging_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    """The daemon runs up to ``[staging] max_parallel_moves`` pulls at once, one thread each,
+    into the one SCP: each study's objects land in its own folder and are counted there only."""
+    studies = [study_factory(series_per_study=2, instances_per_series=n) for n in (12, 9, 15)]
+    staging_orthanc.upload([p for m in studies for p in m.paths])
+    arrived: dict[str, set[str]] = {}
+    lock = threading.Lock()
+
+    def pull(manifest: Manifest, folder: Path) -> object:
+        (study_uid,) = manifest.study_uids
+
+        def on_arrival(arrival: Arrival) -> None:
+            with lock:
+                arrived.setdefault(study_uid, set()).add(arrival.study_uid)
+
+        return pull_study(local, staging, registry, study_uid, folder, on_arrival=on_arrival)
+
+    folders = [tmp_path / "from_staging" / str(n) for n in range(len(studies))]
+    with ThreadPoolExecutor(len(studies)) as pool:
+        results = list(pool.map(pull, studies, folders))
+
+    for manifest, folder, result in zip(studies, folders, results, strict=True):
+        (study_uid,) = manifest.study_uids
+        assert isinstance(result, PullResult)
+        assert result.status == "complete", result.detail
+        assert result.landed == result.expected == len(manifest.paths)
+        assert {p.name for p in folder.iterdir()} == {
+            f"{uid}.dcm" for uid in manifest.sop_instance_uids
+        }
+        assert arrived[study_uid] == {study_uid}  # each pull was told of its own objects only
+    assert len(registry) == 0
+    assert scp.status().landed == sum(len(m.paths) for m in studies)

@@ -18,7 +18,10 @@ from anonpipe.scu import (
     PushItem,
     end_open_associations,
     push_files,
+    push_items,
     push_tree,
+    read_item,
+    store,
     verify_studies,
 )
 from anonpipe.scu.store import NOT_SENT_STOPPED, _batches
@@ -147,7 +150,7 @@ def test_a_stopped_push_sends_no_further_file_and_says_so(
     try:
         study = next(iter(manifest.study_uids))
         with registry.expect(study, tmp_path / "received", on_arrival) as landing:
-            report = push_files(local, target, sorted(manifest.paths), stop=stop)
+            report = push_files(local, target, sorted(manifest.paths), stop=stop, associations=1)
             assert landing.landed == 2
     finally:
         receiver.stop()
@@ -264,7 +267,9 @@ def test_stopping_ends_a_wait_on_a_silent_peer(
 
         threading.Thread(target=sigterm, daemon=True).start()
         started = time.monotonic()
-        report = push_files(replace(local, dimse_timeout=120), peer, manifest.paths, stop=stop)
+        report = push_files(
+            replace(local, dimse_timeout=120), peer, manifest.paths, stop=stop, associations=1
+        )
         assert time.monotonic() - started < 10
         assert report.failed[0].error == "the service is stopping"
         assert report.stopped
@@ -272,3 +277,48 @@ def test_stopping_ends_a_wait_on_a_silent_peer(
         release.set()
         assert server is not None
         server.shutdown()
+
+
+def test_push_items_sends_ready_made_items_without_reading_a_header(
+    local: LocalSettings,
+    research: ResearchSettings,
+    research_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the daemon does: items from its state store, in order, two associations."""
+    manifest = study_factory(
+        series_per_study=2, instances_per_series=3, transfer_syntaxes=ALL_TRANSFER_SYNTAXES
+    )
+    items = [read_item(path) for path in sorted(manifest.paths)]
+
+    def no_header(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("push_items read a header")
+
+    monkeypatch.setattr(store, "read_header", no_header)
+    monkeypatch.setattr(store, "read_item", no_header)
+    stored: list[None] = []
+    report = push_items(
+        local, research, items, associations=2, on_stored=lambda: stored.append(None)
+    )
+    assert [r.path for r in report.results] == [item.path for item in items]
+    assert all(r.outcome == "stored" and r.attempts == 1 for r in report.results)
+    assert [r.sop_instance_uid for r in report.results] == [i.sop_instance_uid for i in items]
+    assert report.expected_per_study() == {items[0].study_uid: 6} and len(stored) == 6
+    assert research_orthanc.sop_instance_uids() == set(manifest.sop_instance_uids)
+
+
+def test_push_items_reports_a_missing_file_alone(
+    local: LocalSettings,
+    research: ResearchSettings,
+    research_orthanc: OrthancServer,
+    study_factory: Callable[..., Manifest],
+    tmp_path: Path,
+) -> None:
+    manifest = study_factory(series_per_study=1, instances_per_series=2)
+    items = [read_item(path) for path in sorted(manifest.paths)]
+    gone = replace(items[0], path=tmp_path / "deleted.dcm", sop_instance_uid="1.2.3.4")
+    report = push_items(local, research, [gone, *items], retries=0)
+    assert [r.outcome for r in report.results] == ["failed", "stored", "stored"]
+    assert report.results[0].error == "cannot send the file (FileNotFoundError)"
+    assert len(research_orthanc.instances()) == 2
