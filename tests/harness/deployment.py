@@ -7,7 +7,7 @@ so all three exercise the same set-up. Every server runs on 127.0.0.1 on free po
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from tests.harness.postgres import PostgresServer
 from tests.harness.reviewdb import ReviewDB
 from tests.harness.studygen import TINY, ImageSize, Manifest, generate
 
-__all__ = ["OUR_AE", "Site", "StudyPlan", "build_site", "write_config"]
+__all__ = ["OUR_AE", "Site", "StudyPlan", "build_site", "build_site_from", "write_config"]
 
 OUR_AE = "ANONPIPE"
 
@@ -198,6 +198,49 @@ def build_site(
         uid = f"2.25.{seed}{n:04d}999"
         review.add_approved(uid, f"MIS{n:03d}")
         site.missing_uids.append(uid)
+    local_port = free_port()
+    staging.add_modality("anonpipe", OUR_AE, LOOPBACK, local_port)
+    write_config(site, local_port)
+    return site, local_port
+
+
+def build_site_from(
+    root: Path,
+    staging: OrthancServer,
+    research: OrthancServer,
+    manifests: Sequence[Manifest],
+    *,
+    upload: Callable[[Iterable[Path]], object] | None = None,
+    socket_path: Path | None = None,
+) -> tuple[Site, int]:
+    """A site whose studies were generated beforehand: each study of *manifests* approved.
+
+    For data :func:`build_site` does not generate (one 2 GiB multi-frame object, say). Each
+    manifest's files are stored in *staging* by *upload* (default ``staging.upload``, REST;
+    pass a ``storescu`` for objects too large to hold in memory), each study gets one approving
+    review, the config is written as :func:`build_site` writes it. Returns the site and our
+    SCP's port (staging already maps our AE title to it).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    review = ReviewDB.create(root / "review.db")
+    site = Site(
+        root,
+        staging,
+        research,
+        review,
+        root / "anonpipe.toml",
+        socket_path or root / "control.sock",
+    )
+    store = upload or staging.upload
+    for manifest in manifests:
+        site.manifests.append(manifest)
+        store(manifest.paths)
+        for study in manifest.studies:
+            uid = study.study_instance_uid
+            study_id = review.add_study(uid, f"APP{len(site.approved_uids):04d}")
+            review.add_review(study_id, comment=f"ok {len(site.approved_uids)}")
+            site.approved_uids.append(uid)
     local_port = free_port()
     staging.add_modality("anonpipe", OUR_AE, LOOPBACK, local_port)
     write_config(site, local_port)

@@ -36,6 +36,7 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
@@ -45,6 +46,7 @@ from pydicom.uid import (
 __all__ = [
     "ALL_TRANSFER_SYNTAXES",
     "BENCH",
+    "BENCH_SMALL",
     "PRIVATE_CREATOR",
     "PRIVATE_GROUP",
     "PRIVATE_ITEM_NAME_TAG",
@@ -62,6 +64,7 @@ __all__ = [
     "SeriesRecord",
     "StudyRecord",
     "generate",
+    "generate_multiframe",
     "pixel_bytes",
 ]
 
@@ -77,6 +80,8 @@ class ImageSize(NamedTuple):
 TINY = ImageSize(16, 16)
 #: Benchmarks: a typical CT slice, 512 KiB of pixel data per instance.
 BENCH = ImageSize(512, 512)
+#: Benchmarks of whole runs (bench/e2e.py, bench/scale.py): 128 KiB of pixel data per instance.
+BENCH_SMALL = ImageSize(256, 256)
 
 #: The transfer syntaxes the generator can write: two native, one encapsulated (compressed).
 ALL_TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -1110,4 +1115,162 @@ def _write_series(
         pixel_variant=series.variant,
         is_protocol=series.is_protocol,
         instances=tuple(records),
+    )
+
+
+# ---------------------------------------------------------------------------------- multi-frame
+
+
+def generate_multiframe(
+    out_dir: Path | str,
+    *,
+    frames: int,
+    size: ImageSize | tuple[int, int] = BENCH,
+    seed: int | None = None,
+    chunk_frames: int = 64,
+) -> Manifest:
+    """Write one patient, one study, one series of one uncompressed Enhanced CT object.
+
+    The object has `frames` frames of `size` (16 bits allocated, explicit VR little endian),
+    functional groups (shared: pixel measures, plane orientation; per frame: plane position and
+    frame content) and the same planted identifiers as :func:`generate` (standard elements,
+    sequences two deep, the private block with its UN element, the file meta, free text). The
+    header is written by pydicom; the Pixel Data element is then appended by hand and its
+    frames are streamed `chunk_frames` at a time, so a 2 GiB object never sits in memory.
+    4096 frames of 512x512 make 2 GiB of pixel data (the 32-bit length allows up to 4 GiB - 2).
+
+    The file is ``p000/s00/se000/i0000.dcm`` under `out_dir`; the manifest describes it as
+    :func:`generate` would (one instance, no references).
+
+    Raises
+    ------
+    ValueError
+        For fewer than 1 frame or pixel data of 4 GiB or more.
+    """
+    image_size = ImageSize(*size)
+    frame_bytes = pixel_bytes(image_size, "CT", 0)
+    total = len(frame_bytes) * frames
+    if frames < 1 or total >= 0xFFFFFFFF:
+        raise ValueError(f"frames must make 1 frame to < 4 GiB of pixel data, got {frames}")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    tok = _Tokens(random.Random(seed))
+    patient = _make_patient(tok)
+    study = _make_study(tok, patient, ("CT",))
+    series = _Series(
+        uid=tok.uid(),
+        number=1,
+        modality="CT",
+        syntax=ExplicitVRLittleEndian,
+        description=f"CT ENHANCED {patient.family}",
+        performing=tok.person("PHIPERF"),
+        operator=tok.person("PHIOP"),
+        station=tok.ident("PHISTA", 6),
+        device_serial=tok.ident("PHISN"),
+        time=tok.time(),
+        variant=0,
+        is_protocol=False,
+        instance_uids=[tok.uid()],
+    )
+    study.planted |= tok.take()
+    study.uids |= {series.uid, *series.instance_uids}
+    sop_uid = series.instance_uids[0]
+    ds = _build_dataset(patient, study, series, 0, image_size, ((CTImageStorage, sop_uid), None))
+    del ds.PixelData
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceLocation"):
+        delattr(ds, keyword)
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = frames
+    ds.ContentQualification = "PRODUCT"
+    spacing = ds.PixelSpacing
+    ds.SharedFunctionalGroupsSequence = DicomSequence(
+        [
+            _item(
+                PixelMeasuresSequence=DicomSequence(
+                    [_item(PixelSpacing=spacing, SliceThickness="1.25")]
+                ),
+                PlaneOrientationSequence=DicomSequence(
+                    [_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])]
+                ),
+            )
+        ]
+    )
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(
+        [
+            _item(
+                FrameContentSequence=DicomSequence([_item(InStackPositionNumber=n + 1)]),
+                PlanePositionSequence=DicomSequence(
+                    [_item(ImagePositionPatient=["-180.0", "-180.0", f"{-n * 1.25:.2f}"])]
+                ),
+            )
+            for n in range(frames)
+        ]
+    )
+    root = Path(out_dir)
+    series_dir = root / "p000" / "s00" / "se000"
+    series_dir.mkdir(parents=True, exist_ok=True)
+    path = series_dir / "i0000.dcm"
+    with path.open("wb") as out:
+        dcmwrite(out, ds, enforce_file_format=True)
+        # (7FE0,0010) OW, explicit VR little endian: tag, VR, 2 reserved bytes, 32-bit length.
+        out.write(b"\xe0\x7f\x10\x00OW\x00\x00" + total.to_bytes(4, "little"))
+        chunk = frame_bytes * min(chunk_frames, frames)
+        written = 0
+        while written < total:
+            part = chunk[: total - written]
+            out.write(part)
+            written += len(part)
+    instance = InstanceRecord(
+        path=path,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=EnhancedCTImageStorage,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        instance_number=1,
+        series_instance_uid=series.uid,
+        study_instance_uid=study.uid,
+        referenced_sop_instance_uids=(),
+    )
+    series_record = SeriesRecord(
+        series_instance_uid=series.uid,
+        series_number=1,
+        modality="CT",
+        sop_class_uid=EnhancedCTImageStorage,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        frame_of_reference_uid=study.frame_of_reference["CT"],
+        description=series.description,
+        size=image_size,
+        pixel_variant=0,
+        is_protocol=False,
+        instances=(instance,),
+    )
+    planted = frozenset(study.planted | patient.planted)
+    dates = frozenset({study.date, patient.birth_date})
+    study_record = StudyRecord(
+        study_instance_uid=study.uid,
+        accession_number=study.accession,
+        study_id=study.study_id,
+        study_date=study.date,
+        patient_id=patient.patient_id,
+        series=(series_record,),
+        planted=planted,
+        planted_uids=frozenset(study.uids),
+        planted_dates=dates,
+    )
+    return Manifest(
+        root=root,
+        seed=seed,
+        patients=(
+            PatientRecord(
+                patient_id=patient.patient_id,
+                patient_name=patient.name,
+                birth_date=patient.birth_date,
+                studies=(study_record,),
+                planted=frozenset(patient.planted),
+            ),
+        ),
+        planted=planted,
+        planted_uids=frozenset(study.uids),
+        planted_dates=dates,
     )
