@@ -9,6 +9,11 @@ Each round runs every tool once, in turn (alternating, so drift of the machine h
 each as its own process on the same input, writing to a fresh output folder. The input is read
 once beforehand so every tool starts with it in the page cache. Printed: median seconds,
 files/s, MB/s, and ratios against ``cp -r`` and dicognito. Figures go to bench/RESULTS.md by hand.
+
+``--cpu`` measures instead the CPU time (user + system, this process) that
+:func:`~anonpipe.anon.deidentify.deidentify_file` spends per file, one process, on the same
+input: the engine's own cost, free of process start-up and of the other tools. It is less
+disturbed by other load on the machine than wall-clock times are.
 """
 
 from __future__ import annotations
@@ -68,6 +73,41 @@ def _warm(src: Path) -> int:
     return total
 
 
+def _cpu_per_file(src: Path, work: Path, rounds: int) -> int:
+    """Print the engine's CPU milliseconds per file, best of `rounds`, in this process."""
+    from anonpipe.anon.batch import Engine, EngineSpec
+    from anonpipe.anon.identity import load_or_create_key
+
+    files = sorted(src.rglob("*.dcm"))
+    best = float("inf")
+    for round_ in range(rounds):
+        out = work / "out-cpu"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        spec = EngineSpec(
+            identity_db=out / "identity.db",
+            key=load_or_create_key(out / "anon.key"),
+            options=("clean_descriptors",),
+            dates="shift",
+            allowed_modalities=("CT", "MR"),
+        )
+        engine = Engine(spec)
+        try:
+            start = time.process_time()
+            for path in files:
+                outcome = engine.run(path, out / "clean", out / "q", durable=False)
+                if outcome.status != "clean":
+                    print(f"{path}: {outcome.status} ({outcome.reason})", file=sys.stderr)
+                    return 1
+            per_file = (time.process_time() - start) * 1000 / len(files)
+        finally:
+            engine.close()
+        best = min(best, per_file)
+        print(f"round {round_ + 1} {per_file:6.2f} ms CPU per file")
+    print(f"\n{len(files)} files, best of {rounds}: {best:.2f} ms CPU per file (one process)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000, help="CT objects (512x512x16)")
@@ -75,6 +115,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", action="append", default=[], help="tool to leave out")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--cpu", action="store_true", help="CPU per file of the engine only")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="anon-bench-"))
@@ -86,6 +127,8 @@ def main() -> int:
                  transfer_syntaxes=(ExplicitVRLittleEndian,), seed=1)  # fmt: skip
     files = sum(1 for p in src.rglob("*.dcm"))
     size = _warm(src)
+    if args.cpu:
+        return _cpu_per_file(src, work, args.rounds)
     config = _config(work)
     tools = {k: v for k, v in _tools(config, args.jobs).items() if k not in args.skip}
     times: dict[str, list[float]] = {name: [] for name in tools}

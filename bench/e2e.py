@@ -132,6 +132,20 @@ def configure(site: Site, **sections: dict[str, object]) -> None:
     site.config_path.write_text(config, encoding="utf-8")
 
 
+def settings_overrides(items: list[str]) -> dict[str, dict[str, object]]:
+    """``--set section.key=value`` (TOML values) as {section: {key: value}}."""
+    sections: dict[str, dict[str, object]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        section, _, key = name.partition(".")
+        if not (section and key and value):
+            raise SystemExit(
+                f"--set {item!r}: use section.key=value, e.g. pipeline.studies_in_flight=3"
+            )
+        sections.setdefault(section, {})[key] = value
+    return sections
+
+
 def snapshot_reviews(site: Site, work: Path) -> tuple[Path, Path]:
     """Copies of the review DB as built (approved) and without its reviews (pending)."""
     approved, pending = work / "review.db.approved", work / "review.db.pending"
@@ -1126,8 +1140,8 @@ def record(
     associations = (
         f"`push_associations = {args.push_associations}`"
         if args.push_associations
-        else "one push association"
-    )
+        else "the default push associations"
+    ) + "".join(f"; `{item}`" for item in args.set)
     size = plan.size if isinstance(plan.size, ImageSize) else ImageSize(*plan.size)
     rounds = len(r.ours)
     lines = [
@@ -1362,6 +1376,13 @@ def main() -> int:
         default=0,
         help="set [research] push_associations in our config (default: as the harness writes it)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="set a key in our config, e.g. pipeline.studies_in_flight=3 (repeatable)",
+    )
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="leave the work folder in place")
     parser.add_argument("--record", action="store_true", help="append results to RESULTS.md")
@@ -1385,6 +1406,8 @@ def main() -> int:
     try:
         with ExitStack() as stack:
             b = set_up(stack, work, plan, args.push_associations)
+            for section, keys in settings_overrides(args.set).items():
+                configure(b.site, **{section: keys})
             if args.ours != "run-once":
                 configure(b.site, review={"poll_interval": QUIET_POLL_INTERVAL})
             print(f"{len(b.site.approved_uids)} studies, {b.objects} objects, "

@@ -24,11 +24,13 @@ an element of a given VR. Decisions of ours, beyond Table E.1-1:
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from pydicom import config
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -38,7 +40,7 @@ from pydicom.tag import BaseTag
 from anonpipe.anon.identity import IdentityStore, PatientPseudonym
 from anonpipe.anon.profile import Action, Profile, presence_rules
 from anonpipe.anon.residual import CONTEXT_KEYWORDS, IDENTIFYING_KEYWORDS, may_identify
-from anonpipe.anon.values import known_tag, values_of
+from anonpipe.anon.values import default_strings, known_tag, uid_strings, values_of
 from anonpipe.anon.vocabulary import Vocabulary
 
 STANDARD_UID_ROOT = "1.2.840.10008."
@@ -91,6 +93,15 @@ PSEUDONYM_TAGS = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00200010})
 DUMMY_TEXTS: frozenset[str] = frozenset(
     str(v).casefold() for v in DUMMY_BY_VR.values() if isinstance(v, str)
 )
+
+
+class _Needs(enum.Enum):
+    """Returned by :meth:`Cleaner._unread` when the element must be read after all."""
+
+    READ = "read"
+
+
+_Decision = DataElement | RawDataElement | None | _Needs
 
 
 class ElementError(Exception):
@@ -147,28 +158,115 @@ class Cleaner:
         Elements that pass unchanged whatever their value (see :func:`unread_fate`) are copied
         still encoded, so pydicom neither decodes nor re-encodes them: most of a header.
         """
-        out = Dataset()
-        implicit, little = source.original_encoding
-        out.set_original_encoding(implicit, little, source.original_character_set)
-        for tag in source.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
-            item = source.get_item(tag)
-            if isinstance(item, RawDataElement):
-                fate = unread_fate(self.recipe.profile, int(tag), item.VR)
+        elements: dict[BaseTag, DataElement | RawDataElement] = {}
+        sequences: list[DataElement] = []
+        profile = self.recipe.profile
+        # items() gives the elements as stored (still encoded or read), without get_item's cost
+        for tag, item in list(source.items()):
+            raw = item if isinstance(item, RawDataElement) and item.value is not None else None
+            if raw is not None:
+                fate = unread_fate(profile, int(tag), raw.VR)
                 if fate == "copy":
-                    if _plausible(int(tag), item.VR, item.value):
-                        out[tag] = item
+                    if _plausible(int(tag), raw.VR, raw.value):
+                        elements[tag] = raw
                     continue
                 if fate == "drop":
                     continue
             try:
-                cleaned = self.element(source[tag], source)
+                if raw is not None:
+                    decided = self._unread(int(tag), raw)
+                    if decided is not _Needs.READ:
+                        if decided is not None:
+                            elements[tag] = decided
+                        continue
+                element = source[tag]
+                cleaned = self.element(element, source)
             except ElementError as exc:
                 raise ElementError(exc.kind, tag_text(tag) + exc.path) from exc
             except Exception as exc:  # pydicom cannot convert or the value is unusable
                 raise ElementError(type(exc).__name__, tag_text(tag)) from exc
-            if cleaned is not None:
-                out.add(cleaned)
+            if cleaned is None:
+                continue
+            if cleaned is element and raw is not None and _verbatim(raw, element):
+                elements[tag] = raw  # kept as it was: its bytes as read, not re-encoded
+            elif cleaned.VR == "SQ":
+                sequences.append(cleaned)
+            else:
+                elements[cleaned.tag] = cleaned
+        # items inherit the character set they were read with, so their raw values stay valid
+        out = Dataset(elements, parent_encoding=source.original_character_set)
+        implicit, little = source.original_encoding
+        out.set_original_encoding(implicit, little, source.original_character_set)
+        for sequence in sequences:  # through pydicom, which hands items the Pixel Representation
+            out.add(sequence)
         return out
+
+    def _unread(self, tag: int, raw: RawDataElement) -> _Decision:
+        """What :meth:`element` would return for a listed element whose action needs no value
+        (empty, dummy, keep, clean without a white list), decided on the still-encoded element;
+        ``_Needs.READ`` when the value is needed or pydicom must judge (implicit VR, UN, SQ,
+        pseudonyms, UIDs, dates, implausible bytes)."""
+        vr = raw.VR
+        if vr is None or vr in _READ_VRS or tag in PSEUDONYM_TAGS or tag & 1 << 16:
+            return _Needs.READ
+        rule = self.recipe.profile.rule(tag)
+        if rule is None:
+            return self._unread_unlisted(tag, raw, vr)
+        if not _vr_agrees(tag, vr):
+            return _Needs.READ
+        action = rule.action
+        if action is Action.CLEAN:
+            if rule.option == _DATE_OPTION or vr in ("DA", "DT", "TM"):
+                action = Action.KEEP  # as _clean_action: dates are then shifted, times kept
+            elif self.recipe.vocabulary.allowed.get(tag):
+                return _Needs.READ  # the white list judges the value
+            else:
+                action = rule.basic
+        if action is Action.REMOVE:
+            return None
+        if action is Action.EMPTY:
+            return _written(tag, vr, None)
+        if action is Action.REPLACE_UID or (action is Action.DUMMY and vr == "UI"):
+            return self._uids_of(tag, raw)
+        if action is Action.DUMMY:
+            return _written(tag, vr, DUMMY_BY_VR.get(vr))
+        if vr in ("DA", "DT"):
+            return self._date_of(tag, raw, vr)
+        if action is Action.KEEP and _plausible(tag, vr, raw.value) and _verbatim_raw(raw):
+            if _may_identify(tag, vr):
+                self.kept.add(BaseTag(tag))
+            return raw
+        return _Needs.READ
+
+    def _unread_unlisted(self, tag: int, raw: RawDataElement, vr: str) -> _Decision:
+        """:meth:`_unlisted` on a still-encoded element: UIDs, dates and plausible text."""
+        if vr == "UN" or not _judgeable(tag, vr):
+            return None
+        if vr == "UI":
+            return self._uids_of(tag, raw)
+        if vr in ("DA", "DT"):
+            return self._date_of(tag, raw, vr)
+        if vr in _UNLISTED_VERBATIM and _plausible(tag, vr, raw.value) and _verbatim_raw(raw):
+            return raw
+        return _Needs.READ
+
+    def _uids_of(self, tag: int, raw: RawDataElement) -> DataElement | _Needs:
+        """:meth:`_uids` of a still-encoded UI element."""
+        if raw.value is None:
+            return _Needs.READ
+        return self._new_uids(tag, uid_strings(raw.value))
+
+    def _date_of(
+        self, tag: int, raw: RawDataElement, vr: str
+    ) -> DataElement | RawDataElement | _Needs:
+        """:meth:`_date` of a still-encoded DA or DT element."""
+        if raw.value is None or (self.recipe.dates == "keep" and not _verbatim_raw(raw)):
+            return _Needs.READ
+        if self.recipe.dates == "keep":
+            if _may_identify(tag, vr):
+                self.kept.add(BaseTag(tag))
+            return raw
+        return self._new_date(tag, vr, default_strings(raw.value))
 
     def keep_required(self, source: Dataset, cleaned: Dataset) -> None:
         """Put back, empty, the attributes an IOD requires while a condition on `source` holds
@@ -280,12 +378,14 @@ class Cleaner:
         return self._sequence(element) if element.VR == "SQ" else element
 
     def _uids(self, element: DataElement) -> DataElement:
-        kind = UID_KINDS.get(int(element.tag), "uid")
+        return self._new_uids(int(element.tag), [str(uid) for uid in values_of(element.value)])
+
+    def _new_uids(self, tag: int, uids: list[str]) -> DataElement:
+        kind = UID_KINDS.get(tag, "uid")
         new = [
-            uid if str(uid).startswith(STANDARD_UID_ROOT) else self.store.uid(str(uid), kind)
-            for uid in values_of(element.value)
+            uid if uid.startswith(STANDARD_UID_ROOT) else self.store.uid(uid, kind) for uid in uids
         ]
-        return DataElement(element.tag, "UI", _single_or_list(new))
+        return _written(tag, "UI", _single_or_list(new))
 
     def _date(self, element: DataElement) -> DataElement:
         mode = self.recipe.dates
@@ -295,16 +395,32 @@ class Cleaner:
             return element
         if mode == "remove":
             return DataElement(element.tag, element.VR, None)
+        return self._new_date(
+            int(element.tag), element.VR, [str(v) for v in values_of(element.value)]
+        )
+
+    def _new_date(self, tag: int, vr: str, values: list[str]) -> DataElement:
+        if self.recipe.dates == "remove":
+            return _written(tag, vr, None)
         days = self.patient.date_offset_days
-        shifted = [shift_date(str(v), days) for v in values_of(element.value)]
+        shifted = [shift_date(value, days) for value in values]
         kept = [v for v in shifted if v]
-        return DataElement(element.tag, element.VR, _single_or_list(kept) if kept else None)
+        return _written(tag, vr, _single_or_list(kept) if kept else None)
 
     def _patient_name(self, original: str) -> str:
         self.store.patient_name(original, self.patient.patient_name)
         return self.patient.patient_name
 
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: VRs :meth:`Cleaner._unread` leaves to pydicom: their values decide (UIDs, dates, sequences)
+#: or their VR is not yet known (UN).
+_READ_VRS = frozenset({"SQ", "UN"})
+#: Unlisted VRs whose still-encoded values :meth:`Cleaner._unread_unlisted` keeps as read
+#: (binary VRs are judged by their value count once read).
+_UNLISTED_VERBATIM = frozenset(
+    {"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT", "IS", "DS"}
+)
 _NEVER_UNREAD = frozenset({"SQ", "UN", "UI", "DA", "DT", "PN"})
 #: Groups that never belong in a data set: command (0000) and file meta (0002) elements there
 #: are strays (a flipped bit can end the meta early); the writer builds the meta anew.
@@ -339,6 +455,23 @@ def _plausible(tag: int, vr: str | None, value: bytes | None) -> bool:
     if vr in ("LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR"):
         return len(value.translate(None, _TEXT_CONTROL)) == len(value)
     return True
+
+
+def _verbatim(raw: RawDataElement, element: DataElement) -> bool:
+    """Whether `element`, kept unchanged, may be written as the bytes it was read from: same VR
+    (not a UN that pydicom read as the dictionary's VR), a defined, even length."""
+    return _verbatim_raw(raw) and (raw.VR is None or raw.VR == element.VR)
+
+
+def _verbatim_raw(raw: RawDataElement) -> bool:
+    value = raw.value
+    return value is not None and raw.length != _UNDEFINED_LENGTH and len(value) % 2 == 0
+
+
+@lru_cache(maxsize=8192)
+def _may_identify(tag: int, vr: str) -> bool:
+    """:func:`~anonpipe.anon.residual.may_identify` of an element, which depends on tag and VR."""
+    return may_identify(DataElement(tag, vr, None))
 
 
 def _looks_like_text(value: bytes | None) -> bool:
@@ -418,6 +551,12 @@ def unread_fate(profile: Profile, tag: int, vr: str | None) -> str:
     ):
         return "read"
     return "copy"
+
+
+def _written(tag: int, vr: str, value: Any) -> DataElement:
+    """A new element with a value we computed: pydicom's value check is skipped (its warning
+    would quote the value, and a UID copied from the input may be one)."""
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
 
 
 def _single_or_list(values: list[str]) -> str | list[str]:

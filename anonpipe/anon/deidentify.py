@@ -94,6 +94,9 @@ class Outcome:
     #: Identifying attributes in which this object disagrees with its study's first object
     #: (names from :data:`~anonpipe.anon.identity.IDENTITY_ATTRIBUTES`; never values).
     disagrees: tuple[str, ...] = ()
+    #: Transfer Syntax UID of the output file (clean and duplicate outcomes), so a sender can
+    #: offer the right presentation context without reading the header again.
+    transfer_syntax_uid: str | None = None
 
 
 def deidentify_file(
@@ -226,6 +229,7 @@ def _clean_and_write(
         modality=str(cleaned.get("Modality", "")) or None,
         sop_class_uid=str(cleaned.SOPClassUID),
         disagrees=disagrees,
+        transfer_syntax_uid=str(parsed.transfer_syntax),
     )
 
 

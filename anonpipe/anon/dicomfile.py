@@ -23,13 +23,16 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, PrivateTransferSyntaxes
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
+
+from anonpipe.anon.encode import encode_meta, write_dataset
 
 _PREFIX = bytes(128) + b"DICM"
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -352,7 +355,7 @@ def encode_dataset(dataset: Dataset, transfer_syntax: UID) -> bytes:
     implicit, little = _encoding(transfer_syntax)
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
-    write_dataset(fp, dataset)
+    write_dataset(fp, dataset, default_encoding)
     return fp.getvalue()
 
 
@@ -366,6 +369,9 @@ def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     ValueError
         If a required meta element (e.g. Media Storage SOP Instance UID) is missing.
     """
+    fast = encode_meta(file_meta)
+    if fast is not None:
+        return _PREFIX + fast
     meta = FileMetaDataset()
     for element in file_meta:
         if element.tag != 0x00020000:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -38,7 +40,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
-from anonpipe.anon.values import known_tag, values_of
+from anonpipe.anon.rawitems import sequence_elements
+from anonpipe.anon.values import default_strings, known_tag, uid_strings, values_of
 
 #: Shorter values are not searched: two or three characters match by chance everywhere.
 MIN_NEEDLE = 4
@@ -184,28 +187,156 @@ def collect_identifiers(
     """
     found = Identifiers()
     for dataset in datasets:
-        for element in _walk(dataset):
-            if is_kept(element.tag):
-                continue
-            if element.VR == "UI":
-                for uid in values_of(element.value):
-                    text = str(uid).strip("\0 ")
-                    if not text.startswith(_STANDARD_UID):
-                        found.add(text, Strength.PATIENT, f"non-standard UID ({element.keyword})")
-                continue
-            strength = strength_of(element)
-            if strength is None or not (element.VR in _TEXT_VRS or element.VR == "UN"):
-                continue
-            source = _source_name(element)
-            for value in values_of(_as_text(element).value):
-                text = str(value).strip("\0 ")
-                if not text:
-                    continue
-                found.add(text, strength, source)
-                if isinstance(value, PersonName) or element.VR == "PN":
-                    for part in _NAME_PARTS.split(text):
-                        found.add(part, strength, source)
+        _collect(dataset, is_kept, found)
     return found
+
+
+def _collect(dataset: Dataset, is_kept: Callable[[BaseTag], bool], found: Identifiers) -> None:
+    """Collect from one data set and its items. Still-encoded text is decoded here when the
+    character set is a plain one (:func:`_texts_of`): the same texts pydicom would give, without
+    building its elements; anything else is read through pydicom."""
+    codec = _plain_codec(dataset.original_character_set)
+    explicit_little = dataset.original_encoding == (False, True)
+    for tag, raw in list(dataset.items()):  # as stored: still encoded or read
+        if isinstance(raw, RawDataElement):
+            if not _may_identify(int(tag), raw.VR):
+                continue  # copied unread by the cleaner (unread_fate): holds no identifier
+            if codec is not None and raw.value is not None:
+                if raw.VR == "SQ" and explicit_little:
+                    if _collect_sequence(raw.value, codec, is_kept, found):
+                        continue
+                else:
+                    texts = _texts_of(raw.VR, raw.value, codec)
+                    if texts is not None:
+                        if not is_kept(tag):
+                            _add_texts(found, int(tag), raw.VR or "", texts)
+                        continue
+        try:
+            element = dataset[tag]
+        except Exception:  # a value pydicom cannot convert: its bytes, as text
+            if not isinstance(raw, RawDataElement) or raw.value is None:
+                continue
+            element = DataElement(tag, "UN", bytes(raw.value))
+        if element.VR == "SQ":
+            for item in element.value or ():
+                _collect(item, is_kept, found)
+        elif not is_kept(element.tag):
+            _add_element(found, element)
+
+
+def _collect_sequence(
+    value: bytes, codec: str, is_kept: Callable[[BaseTag], bool], found: Identifiers
+) -> bool:
+    """Collect from a still-encoded sequence (:func:`~anonpipe.anon.rawitems.sequence_elements`)
+    as :func:`_collect` would from the items pydicom reads; False, collecting nothing, when
+    pydicom must read it."""
+    elements = sequence_elements(value)
+    if elements is None:
+        return False
+    decoded = []
+    for element in elements:
+        if not _may_identify(element.tag, element.vr):
+            continue
+        texts = _texts_of(element.vr, element.value, codec)
+        if texts is None:
+            return False
+        decoded.append((element, texts))
+    for element, texts in decoded:
+        if not is_kept(BaseTag(element.tag)):
+            _add_texts(found, element.tag, element.vr, texts)
+    return True
+
+
+def _add_element(found: Identifiers, element: DataElement) -> None:
+    if element.VR == "UI":
+        for uid in values_of(element.value):
+            text = str(uid).strip("\0 ")
+            if not text.startswith(_STANDARD_UID):
+                found.add(text, Strength.PATIENT, f"non-standard UID ({element.keyword})")
+        return
+    strength = strength_of(element)
+    if strength is None or not (element.VR in _TEXT_VRS or element.VR == "UN"):
+        return
+    source = _source_name(element)
+    for value in values_of(_as_text(element).value):
+        text = str(value).strip("\0 ")
+        if not text:
+            continue
+        found.add(text, strength, source)
+        if isinstance(value, PersonName) or element.VR == "PN":
+            for part in _NAME_PARTS.split(text):
+                found.add(part, strength, source)
+
+
+def _add_texts(found: Identifiers, tag: int, vr: str, texts: list[str]) -> None:
+    """:func:`_add_element` for texts decoded by :func:`_texts_of`."""
+    strength, source, keyword = _judged(tag, vr)
+    if vr == "UI":
+        for text in texts:
+            if not text.startswith(_STANDARD_UID):
+                found.add(text, Strength.PATIENT, f"non-standard UID ({keyword})")
+        return
+    if strength is None:
+        return
+    for text in texts:
+        if not text:
+            continue
+        found.add(text, strength, source)
+        if vr == "PN":
+            for part in _NAME_PARTS.split(text):
+                found.add(part, strength, source)
+
+
+@lru_cache(maxsize=8192)
+def _judged(tag: int, vr: str) -> tuple[Strength | None, str, str]:
+    """Strength, source name and keyword of an element, judged as :func:`strength_of` does."""
+    element = DataElement(tag, vr, None)
+    return strength_of(element), _source_name(element), element.keyword
+
+
+#: How pydicom decodes each VR: in the data set's character set, or always as ISO 8859-1
+#: (:func:`~anonpipe.anon.values.default_strings`); split at backslashes but LT, ST and UT.
+_CHARSET_VRS = frozenset({"LO", "SH", "UC", "PN", "LT", "ST", "UT"})
+_DEFAULT_VRS = frozenset({"AE", "CS", "DA", "DT", "UI"})
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT"})
+#: Character sets (pydicom's codec names) decoded by one codec, without escape sequences.
+_PLAIN_CODECS = frozenset({"iso8859", "latin_1", "UTF8"})
+
+
+def _plain_codec(charset: str | MutableSequence[str]) -> str | None:
+    """The codec of a single plain character set, or None (ISO 2022 and others: pydicom)."""
+    names = (charset,) if isinstance(charset, str) else tuple(charset)
+    return _codec_of(names)
+
+
+@lru_cache(maxsize=64)
+def _codec_of(names: tuple[str, ...]) -> str | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            codecs = convert_encodings(list(names))
+    except Exception:  # an unknown character set: pydicom decides
+        return None
+    return codecs[0] if len(codecs) == 1 and codecs[0] in _PLAIN_CODECS else None
+
+
+def _texts_of(vr: str | None, value: bytes, codec: str) -> list[str] | None:
+    """The stripped texts pydicom's conversion would give for a still-encoded value, or None
+    when this VR or value is left to pydicom (implicit VR, UN, SQ, escape sequences)."""
+    if b"\x1b" in value:
+        return None
+    if vr == "AE":  # pydicom strips each AE value of all whitespace
+        return [part.strip().strip("\0 ") for part in value.decode("latin-1").split("\\")]
+    if vr == "UI":
+        return [uid.strip("\0 ") for uid in uid_strings(value)]
+    if vr in _DEFAULT_VRS:
+        return [part.strip("\0 ") for part in default_strings(value)]
+    if vr not in _CHARSET_VRS:
+        return None
+    text = value.decode(codec, "replace")
+    if vr in _SINGLE_VALUED:
+        return [text.strip("\0 ")]
+    return [part.strip("\0 ") for part in text.split("\\")]
 
 
 @lru_cache(maxsize=4096)
@@ -231,28 +362,6 @@ def _as_text(element: DataElement) -> DataElement:
         text = element.value.decode("latin-1").strip("\0 ")
         return DataElement(element.tag, "LO", text.split("\\"))
     return element
-
-
-def _walk(dataset: Dataset) -> Iterator[DataElement]:
-    """Every element that may hold an identifier, sequences flattened; elements the cleaner
-    copied unread (:func:`~anonpipe.anon.clean.unread_fate`: no identifiers) stay unread. An
-    element pydicom cannot convert is read as raw text (it is removed or quarantined anyway)."""
-    for tag in dataset.keys():  # noqa: SIM118 - a Dataset iterates elements, not tags
-        raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement) and not _may_identify(int(tag), raw.VR):
-            continue
-        try:
-            element = dataset[tag]
-        except Exception:  # a value pydicom cannot convert: its bytes, as text
-            if not isinstance(raw, RawDataElement) or raw.value is None:
-                continue
-            yield DataElement(tag, "UN", bytes(raw.value))
-            continue
-        if element.VR == "SQ":
-            for item in element.value or ():
-                yield from _walk(item)
-        else:
-            yield element
 
 
 # -- the search -------------------------------------------------------------------------------
@@ -315,7 +424,8 @@ def prepare_needles(values: Iterable[str], encodings: Iterable[str] = ("utf-8",)
     encodings = tuple(encodings)
     prepared: dict[bytes, _Needle] = {}
     for value in values:
-        numeric = all(c.isdigit() or c == "." for c in value)
+        digits = value.replace(".", "")
+        numeric = not digits or digits.isdigit()  # only digits and dots
         for encoding in encodings:
             try:
                 raw = value.lower().encode(encoding)

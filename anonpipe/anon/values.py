@@ -26,3 +26,16 @@ def known_tag(tag: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def default_strings(value: bytes) -> list[str]:
+    """The values of a still-encoded CS/DA/DT/TM element as :func:`values_of` gives them
+    once pydicom has read it: decoded as ISO 8859-1 whatever the character set, trailing
+    spaces and NULs dropped, split at backslashes."""
+    text = value.decode("latin-1").rstrip(" \0")
+    return text.split("\\") if text else []
+
+
+def uid_strings(value: bytes) -> list[str]:
+    """:func:`default_strings` of a UI element (pydicom's UID also strips each of whitespace)."""
+    return [uid.strip() for uid in default_strings(value)]

@@ -6,6 +6,7 @@ Every assertion is on output bytes, parsed output files, or rows of identity.db.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from anonpipe.anon.batch import EngineSpec, run_batch
+from anonpipe.anon.batch import Engine, EngineSpec, run_batch
 from anonpipe.anon.deidentify import IMPLEMENTATION_CLASS_UID, Outcome
 from anonpipe.anon.identity import keyed_uid, load_or_create_key
 from anonpipe.cli import main
@@ -103,6 +104,45 @@ def test_every_file_is_clean_or_quarantined_for_protocol(shifted: Run) -> None:
     assert quarantined == dict.fromkeys(protocol, "patient protocol series")
     assert len(shifted.clean) == len(shifted.manifest.paths) - len(protocol)
     assert len(shifted.outputs()) == len(shifted.clean)
+
+
+def test_outcome_names_the_written_transfer_syntax(shifted: Run) -> None:
+    """The daemon offers the push from the outcome: it must name the file's syntax exactly."""
+    assert shifted.clean
+    syntaxes = set()
+    for outcome in shifted.clean:
+        assert outcome.output is not None
+        written = pydicom.dcmread(outcome.output, stop_before_pixels=True)
+        assert outcome.transfer_syntax_uid == written.file_meta.TransferSyntaxUID
+        syntaxes.add(outcome.transfer_syntax_uid)
+    assert syntaxes == set(SYNTAXES)
+    quarantined = [o for o in shifted.outcomes if o.status == "quarantined"]
+    assert all(o.transfer_syntax_uid is None for o in quarantined)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_durable_false_never_fsyncs_a_file(
+    durable: bool, generated: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon passes durable=False and syncs once per study: no flush per file."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    engine = Engine(_spec(tmp_path))
+    monkeypatch.setattr(os, "fsync", counting)
+    try:
+        paths = generated.paths[:4]
+        for path in paths:
+            outcome = engine.run(path, tmp_path / "clean", tmp_path / "q", durable=durable)
+            assert outcome.status in ("clean", "quarantined")
+    finally:
+        engine.close()
+    clean = sum(1 for _ in (tmp_path / "clean").rglob("*.dcm"))
+    assert len(synced) == (clean if durable else 0)
 
 
 def test_no_planted_identifier_or_uid_survives_in_output_bytes(shifted: Run) -> None:
