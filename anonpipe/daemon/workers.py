@@ -7,6 +7,10 @@ submitted. Rather than fail the run and wait for an operator, the pool is rebuil
 lost are de-identified again (idempotent: the same outputs, the identity mappings reused). A pool
 that breaks again on those same files is not an accident; that fails the run, as before, with a
 message that says so.
+
+The studies in flight share one pool: the first to see it broken rebuilds it (once per broken
+pool, whoever asks), and the files of the others that the old pool dropped (their futures
+cancelled by its shutdown) are done again in the new one too.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ class DeidWorkers:
         self._spec = spec
         self._jobs = jobs
         self._pool = worker_pool(spec, jobs)
-        #: How often the pool was rebuilt (for tests and the log).
+        #: How often the pool was rebuilt (for tests and the log); also the pool's generation.
         self.rebuilds = 0
+        self._generation: dict[Task, int] = {}
 
     def submit(self, task: Task) -> asyncio.Future[Outcome]:
         """Start de-identifying one file; call from the event loop's thread."""
         loop = asyncio.get_running_loop()
+        self._generation[task] = self.rebuilds
         try:
             return loop.run_in_executor(self._pool, run_in_worker, task)
         except BrokenProcessPool as exc:  # broke earlier: redone in outcomes()
@@ -64,19 +70,23 @@ class DeidWorkers:
         for task, future in submitted.items():
             try:
                 done[task] = await future
-            except BrokenProcessPool:
+            except (BrokenProcessPool, asyncio.CancelledError):
+                if not _dropped(future):
+                    raise
                 lost.append(task)
         if lost:
             log.warning(
                 "a de-identification worker died; its files are done again in a new pool",
                 files=len(lost),
             )
-            self._rebuild()
+            self._rebuild(min(self._generation[task] for task in lost))
             again = {task: self.submit(task) for task in lost}
             for task, future in again.items():
                 try:
                     done[task] = await future
-                except BrokenProcessPool as exc:
+                except (BrokenProcessPool, asyncio.CancelledError) as exc:
+                    if not _dropped(future):
+                        raise
                     raise WorkersDied(
                         f"de-identification workers died twice on the same {len(lost)} files: "
                         "one of them may crash the engine or exhaust memory (see the kernel log); "
@@ -88,7 +98,19 @@ class DeidWorkers:
         """Stop the workers (files not started are dropped; a resumed run redoes them)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, broken: int) -> None:
+        """Replace the pool of generation *broken*, unless another study already did."""
+        if broken != self.rebuilds:
+            return
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = worker_pool(self._spec, self._jobs)
         self.rebuilds += 1
+
+
+def _dropped(future: asyncio.Future[Outcome]) -> bool:
+    """Whether *future* was lost with its pool (broken, or cancelled by the pool's shutdown),
+    rather than our own task being cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return False
+    return future.cancelled() or isinstance(future.exception(), BrokenProcessPool)

@@ -14,12 +14,25 @@ associations watch for an A-ABORT PDU and the connection closing (pynetdicom's o
 its DUL thread) and then wake the waiting request at once (:func:`ended`). The service does the
 same to every open association when it stops (:func:`end_open_associations`), so SIGTERM never
 waits on a silent peer.
+
+**Sending is paced by the peer.** pynetdicom reads a file being sent in PDU-sized chunks, but
+puts every P-DATA on its DUL thread's send queue (unbounded) at once, and that thread sends them
+only as fast as the socket takes them: with a peer slower than our disk, a 2 GiB object ended up
+in our memory (and stayed there, freed but not given back: RSS +1.1 GB). Our associations let at
+most :data:`SEND_QUEUE_BYTES` wait in that queue (:func:`_pace_sends`), never send PDUs longer
+than :data:`SEND_PDU_CAP` (a peer allowing "unlimited" made pynetdicom read a whole file as one
+PDU), and a sender waiting for room gives up, aborting the association, as soon as it ended, its
+network thread died, the service is stopping, or the peer took nothing for the DIMSE timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import queue
+import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +40,7 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 from anonpipe import tls
@@ -37,6 +51,7 @@ __all__ = [
     "Cause",
     "Ending",
     "PeerUnavailable",
+    "SendAborted",
     "associate",
     "describe",
     "end_open_associations",
@@ -45,6 +60,16 @@ __all__ = [
 
 #: At most this many presentation contexts may be proposed in one association (PS3.8 9.3.2).
 MAX_CONTEXTS = 128
+
+#: P-DATA bytes allowed to wait in pynetdicom's send queue (its DUL thread drains it as the
+#: socket takes them); the thread reading the file waits beyond that (:func:`_pace_sends`).
+SEND_QUEUE_BYTES = 4 << 20
+#: The longest PDU we send, whatever the peer accepts (pynetdicom reads each one whole).
+SEND_PDU_CAP = 1 << 20
+#: Seconds between two checks, by a sender waiting for room, that the association still lives.
+SEND_WAIT_POLL = 0.1
+#: Seconds an abort in the middle of a message may take before the connection is shut down.
+ABORT_GRACE = 1.0
 
 
 class Cause(enum.Enum):
@@ -65,6 +90,11 @@ class Ending:
 
     reason: str
     cause: Cause
+
+
+class SendAborted(RuntimeError):
+    """A message could not be sent whole: the association ended (or the peer stopped taking
+    data) in the middle of it; the association is aborted. ``ended(assoc)`` says why."""
 
 
 class PeerUnavailable(ConnectionError):
@@ -136,6 +166,7 @@ def associate(
             raise PeerUnavailable(peer, _tls_failure(handshake.error), Cause.REFUSAL)
         raise PeerUnavailable(peer, *_failure_reason(assoc, peer, bool(connected)))
     _return_stolen_responses(assoc)
+    _pace_sends(assoc)
     with _OPEN_LOCK:
         _OPEN.add(assoc)
     try:
@@ -224,6 +255,117 @@ def _return_stolen_responses(assoc: Any) -> None:
         serve(msg, context_id)
 
     assoc._serve_request = serve_request
+
+
+def _pace_sends(assoc: Any) -> None:
+    """Bound what pynetdicom may queue for sending on *assoc* (see the module docstring).
+
+    pynetdicom's DIMSE layer hands each P-DATA to ``assoc.dul.send_pdu``, which puts it on the
+    unbounded ``dul.to_provider_queue``; the DUL thread takes them off one by one (each ``get``
+    notifies the queue's ``not_full`` condition) as it sends them. Our ``send_pdu`` waits while
+    the queue holds :data:`SEND_QUEUE_BYTES` of P-DATA or more; other primitives (release,
+    abort) never wait. The peer's maximum PDU length is capped first (:data:`SEND_PDU_CAP`):
+    it sizes the chunks pynetdicom reads, and so the queue's depth.
+    """
+    _cap_send_pdu(assoc)
+    dul = assoc.dul
+    send = dul.send_pdu
+    pending: queue.Queue[Any] = dul.to_provider_queue
+    depth = max(2, SEND_QUEUE_BYTES // (assoc.dimse.maximum_pdu_size or SEND_PDU_CAP))
+
+    def send_pdu(primitive: Any) -> None:
+        if isinstance(primitive, P_DATA) and len(pending.queue) >= depth:
+            _wait_for_room(assoc, pending, depth)
+        send(primitive)
+
+    dul.send_pdu = send_pdu
+
+
+def _cap_send_pdu(assoc: Any) -> None:
+    """Send PDUs of at most :data:`SEND_PDU_CAP` bytes (0, "unlimited", included).
+
+    The negotiated value is only read by pynetdicom's DIMSE layer to size what it sends; a PDU
+    shorter than the peer's maximum is always allowed (PS3.8 D.1).
+    """
+    for item in assoc.acceptor.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            peer_max = item.maximum_length_received
+            if not peer_max or peer_max > SEND_PDU_CAP:
+                item.maximum_length_received = SEND_PDU_CAP
+
+
+def _wait_for_room(assoc: Any, pending: queue.Queue[Any], depth: int) -> None:
+    """Wait until *pending* is down to half of *depth* primitives (then the reader fills it
+    again in one go, rather than waking for every PDU sent); raise :class:`SendAborted` (the
+    association aborted) if it ended or the peer took nothing for the DIMSE timeout."""
+    patience = assoc.dimse_timeout
+    ending: Ending | None = None
+    with pending.not_full:  # pending.qsize() would take this same (non-reentrant) lock
+        size = len(pending.queue)
+        progress = time.monotonic()
+        while size > depth // 2:
+            ending = _send_blocked_by(assoc)
+            if ending is not None:
+                break
+            pending.not_full.wait(SEND_WAIT_POLL)
+            now = time.monotonic()
+            if len(pending.queue) < size:
+                progress = now
+            elif patience is not None and now - progress > patience:
+                ending = Ending(
+                    f"the peer took no data for {patience:g} s while we sent", Cause.OUTAGE
+                )
+                break
+            size = len(pending.queue)
+        if ending is not None:
+            # The rest of the message will never be wanted. Only the head may stay: the DUL
+            # thread may have seen it and be about to take it (its get would fail on nothing).
+            for _ in range(len(pending.queue) - 1):
+                pending.queue.pop()
+    if ending is None:
+        return
+    _end(assoc, ending.reason, ending.cause)
+    _abort_mid_message(assoc)
+    raise SendAborted(ending.reason)
+
+
+def _abort_mid_message(assoc: Any) -> None:
+    """Abort *assoc*, whose DUL thread may be stuck sending to a peer that takes nothing.
+
+    Half a message can only be followed by an A-ABORT. pynetdicom's ``abort()`` waits for its
+    DUL thread to finish, which never happens while that thread is blocked in a send: if the
+    abort is not done within :data:`ABORT_GRACE` seconds, the socket is shut down under it (the
+    send then fails, and pynetdicom winds up as for a connection reset).
+    """
+    if not assoc.is_established:
+        assoc._reactor_checkpoint.set()  # pynetdicom paused it for the request: let it wind up
+        return
+    watchdog = threading.Timer(ABORT_GRACE, _shut_down, [assoc])
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        assoc.abort()
+    finally:
+        watchdog.cancel()
+
+
+def _shut_down(assoc: Any) -> None:
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _send_blocked_by(assoc: Any) -> Ending | None:
+    """Why nothing more will leave *assoc*'s send queue, or None while it may."""
+    ending = ended(assoc)
+    if ending is not None:
+        return ending
+    if assoc.is_aborted or not assoc.is_established:
+        return Ending("the association ended while we sent", Cause.OUTAGE)
+    if not assoc.dul.is_alive():
+        return Ending("the connection was lost while we sent", Cause.OUTAGE)
+    return None
 
 
 def _tls_failure(error: BaseException) -> str:

@@ -466,7 +466,7 @@ def _send_one(assoc: Any, item: PushItem) -> _Outcome:
     except ValueError:
         error = f"the peer accepts this SOP class in no context with syntax {item.transfer_syntax}"
         return _Outcome(item, None, error, False, Cause.REFUSAL)
-    except RuntimeError:  # pynetdicom: the association is no longer established
+    except RuntimeError:  # not established (pynetdicom), or ended mid-message (SendAborted)
         return _ended(item, ended(assoc))
     except (OSError, AttributeError) as exc:
         error = f"cannot send the file ({type(exc).__name__})"
