@@ -21,8 +21,8 @@ those with a limit:
 - the association limit counts *accepted* associations of allowed peers only (checked after
   the peer policy, in :meth:`admit`), so connections that never associate, and rejected ones,
   never take an allowed peer's slot;
-- until it is admitted, a connection's socket is polled every ``UNADMITTED_POLL`` seconds
-  instead of pynetdicom's every millisecond (its DUL thread busy-polls each socket: 130 idle
+- a connection's threads wait for work instead of polling every millisecond
+  (:mod:`anonpipe.reactors`; pynetdicom's DUL thread busy-polls each socket: 130 idle
   connections kept a core busy and slowed everything else the daemon does);
 - once an association has ended (aborted, rejected, released), a few more reads, then the
   connection is closed: pynetdicom would read and log garbage until the peer stops;
@@ -39,7 +39,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from anonpipe import tls
+from anonpipe import reactors, tls
 from anonpipe.logs import get_logger
 
 __all__ = ["ConnectionGuard", "close_unassociated"]
@@ -60,10 +60,6 @@ TOO_LONG = "PDU longer than we accept"
 LIMIT_REACHED = "association limit reached"
 TLS_FAILED = "TLS handshake failed"
 
-#: Seconds between two polls of a connection's socket by pynetdicom's DUL thread before the
-#: connection is admitted; pynetdicom polls every 0.001 s, which admitted associations get back.
-#: An association takes ~30 ms longer to set up (39 ms instead of 11 ms on loopback).
-UNADMITTED_POLL = 0.02
 #: Socket reads (two per PDU: header, then body) allowed once an association has ended and
 #: pynetdicom waits for the connection to close (state Sta13).
 READS_AFTER_THE_END = 8
@@ -113,7 +109,6 @@ class ConnectionGuard:
         self.pending_per_host = pending_per_host
         self._on_refusal = on_refusal or (lambda _reason: None)
         self.tls_context = tls_context
-        self._default_poll = 0.001  # pynetdicom's, read from the first connection
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()
         #: connections without an association yet: id -> (host, association)
@@ -133,11 +128,9 @@ class ConnectionGuard:
             self._pending[host] += 1
             self._waiting[id(assoc)] = (host, assoc)
             crowded = self._pending[host] > self.pending_per_host
-        # Until it associates: ARTIM (the DUL) and the ACSE wait (the association's thread),
-        # and a slower poll (the DUL thread has not started yet: set before its first poll).
+        # Until it associates: ARTIM (the DUL) and the ACSE wait (the association's thread).
+        reactors.install(assoc)
         assoc.acse_timeout = self.associate_within
-        self._default_poll = assoc.dul._run_loop_delay
-        assoc.dul._run_loop_delay = UNADMITTED_POLL
         self._read_timeout(assoc, self.associate_within)
         self._limit_reads(assoc)
         if crowded:
@@ -187,8 +180,8 @@ class ConnectionGuard:
     def admit(self, assoc: Any, acse_timeout: float) -> bool:
         """Count `assoc` (an allowed peer's) as accepted, or False when the limit is reached.
 
-        An admitted association gets back the configured `acse_timeout`, the longer read
-        timeout and pynetdicom's own poll interval (its transfers are paced by it).
+        An admitted association gets back the configured `acse_timeout` and the longer read
+        timeout.
         """
         key = id(assoc)
         with self._lock:
@@ -203,7 +196,6 @@ class ConnectionGuard:
         if not admitted:
             return False
         assoc.acse_timeout = acse_timeout
-        assoc.dul._run_loop_delay = self._default_poll
         self._read_timeout(assoc, self.read_timeout)
         return True
 

@@ -43,7 +43,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from anonpipe import tls
+from anonpipe import reactors, tls
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import Endpoint, set_nodelay
 
@@ -157,6 +157,7 @@ def associate(
         evt_handlers=[
             (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
             (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, reactors.on_open),
             (evt.EVT_PDU_RECV, _on_pdu),
             (evt.EVT_CONN_CLOSE, _on_close),
         ],
