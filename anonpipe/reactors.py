@@ -19,8 +19,9 @@ thread is being stopped, the reactor polls as before (it waits for that thread t
 
 pynetdicom calls ``time.sleep`` from its modules ``pynetdicom.dul`` and
 ``pynetdicom.association``; those modules' ``time`` becomes a stand-in whose ``sleep`` runs the
-calling thread's wait if it is such a thread, and sleeps as asked otherwise (any sleep longer
-than :data:`MAX_WAIT` too). Installing is safe at any moment of an association's life: work
+calling thread's wait if it is such a thread and the sleep is pynetdicom's 1 ms poll, and sleeps
+as asked otherwise (e.g. the 10 ms steps in which an ending association waits for its peer to
+close the connection). Installing is safe at any moment of an association's life: work
 queued before it is seen at the next bounded wait.
 """
 
@@ -60,7 +61,8 @@ class _Clock:
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        wait = _WAITS.get(threading.current_thread()) if seconds <= MAX_WAIT else None
+        polling = seconds <= _PYNETDICOM_POLL  # other sleeps wait for something else
+        wait = _WAITS.get(threading.current_thread()) if polling else None
         if wait is None:
             time.sleep(seconds)
         else:
