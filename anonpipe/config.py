@@ -226,6 +226,41 @@ def _socket_path(value: Path) -> Path:
     return value
 
 
+def split_bind(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as ``(host, port)``; ValueError if not."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ValueError('expected HOST:PORT, e.g. "127.0.0.1:8042" ("[::1]:8042" for IPv6)')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not isinstance(_ip(host), ipaddress.IPv6Address):
+            raise ValueError('expected an IPv6 address between [ and ], e.g. "[::1]:8042"')
+    elif ":" in host:
+        raise ValueError('expected an IPv6 address in brackets, e.g. "[::1]:8042"')
+    try:
+        _host(host)
+    except ValueError:
+        raise ValueError(
+            f"expected HOST:PORT with HOST an IP address or a DNS host name, not {host!r}"
+        ) from None
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError("expected a TCP port number 1..65535 after the colon")
+    return host, number
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _web_bind(value: str) -> str:
+    split_bind(value)
+    return value
+
+
 def _redact_url(value: str) -> str:
     """Hide the password of a database URL (in the user part or a ``password=`` parameter)."""
     if "://" not in value:
@@ -393,6 +428,22 @@ class ControlSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSettings:
+    """``[web]``: the read-only status pages and ``/metrics``; no ``[web]`` table, nothing listens.
+
+    ``bind`` is ``HOST:PORT``. The pages have no log-in: keep it on loopback (or behind a reverse
+    proxy that authenticates) unless every host that can reach it may read them.
+    """
+
+    bind: str = field(metadata={"check": _web_bind})
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` to listen on."""
+        return split_bind(self.bind)
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     """``[logging]``: verbosity and renderer (auto picks journal, console or JSON at start-up)."""
 
@@ -415,6 +466,7 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     anon: AnonSettings = field(default_factory=AnonSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
+    web: WebSettings | None = None
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = field(default=None, metadata={"toml": False})
 
@@ -648,6 +700,21 @@ class _Loader:
                 "a password file is for a postgresql:// review database; review.database is a "
                 "SQLite file, which has no password: remove review.password_file",
             )
+        if settings.web is not None and self.valid("web.bind", "local.bind", "local.port"):
+            web, local = settings.web.address, settings.local
+            wildcard = {"0.0.0.0", "::"}
+            same_host = (
+                web[0] in wildcard
+                or local.bind in wildcard
+                or _endpoint(web[0], 0) == _endpoint(local.bind, 0)
+            )
+            if same_host and web[1] == local.port:
+                self.problem(
+                    "web.bind",
+                    settings.web.bind,
+                    f"got {_show(settings.web.bind)}; port {web[1]} is local.port, where our "
+                    "Storage SCP listens: choose another port for web.bind",
+                )
         if self.valid("local.ae_title", "staging.ae_title") and (
             settings.local.ae_title == staging.ae_title
         ):

@@ -2,8 +2,8 @@
 # Set-up shared by the README commands (scripts/test.sh, scripts/demo.sh): installs whatever is
 # missing on a fresh Debian machine (apt packages: orthanc, dcmtk, dicom3tools for the validity
 # checks, openssl for the TLS tests' certificates, postgresql for the review-DB tests' server, the
-# linter shellcheck for scripts/install.sh, as root or through sudo; a virtual environment .venv
-# with the package and its test extra).
+# linter shellcheck for scripts/install.sh, chromium for the web page's browser test, as root or
+# through sudo; a virtual environment .venv with the package and its test extra).
 # Idempotent: a second run installs nothing new.
 # PYTHON selects the interpreter that creates .venv (default python3, >= 3.11).
 set -euo pipefail
@@ -18,6 +18,8 @@ pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the DICOM TLS tests' certificates
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)  # lints scripts/install.sh
+# The web status page's browser test drives Debian's chromium with Playwright (no download).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 # The review-DB tests start their own PostgreSQL server (Debian keeps initdb off PATH).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if ((${#missing[@]})); then
