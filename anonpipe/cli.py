@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from anonpipe import __version__
+from anonpipe.closedpipe import quiet_on_closed_pipe
 from anonpipe.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -697,7 +698,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Daemon-type subcommands (daemon, run-once, anonymize) configure it once, first thing in their
     ``run`` function right after :func:`~anonpipe.config.load_settings`, with
     ``anonpipe.logs.configure_logging(settings.logging.level, settings.logging.format)``.
+
+    A reader that closes the pipe early (``anonpipe check-config | head -1``) ends the command
+    quietly (:func:`~anonpipe.closedpipe.quiet_on_closed_pipe`).
     """
+    return quiet_on_closed_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: argparse already printed

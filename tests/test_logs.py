@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -22,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from anonpipe import logs
+from anonpipe.daemon.pipeline import Step, enter_step, in_step
 from tests.harness.ports import free_port
 from tests.harness.studygen import generate
 
@@ -174,3 +177,130 @@ def test_console_format_is_readable() -> None:
 def test_bad_level_is_refused() -> None:
     with pytest.raises(ValueError, match="verbose"):
         logs.configure_logging("verbose", "json", stream=io.StringIO(), environ={})
+
+
+# -- run, study and step on every line -------------------------------------------------------
+
+
+def _lines(output: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.getvalue().splitlines()]
+
+
+def _in_thread(target: Callable[[], None]) -> None:
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+
+
+def test_run_scope_names_the_run_in_every_thread_until_it_ends(log_output: io.StringIO) -> None:
+    log = logs.get_logger("anonpipe.unit")
+    library = logging.getLogger("somelibrary")
+    with logs.run_scope("run_at_1"):
+        log.info("in the run")
+        _in_thread(lambda: library.warning("a library's thread"))
+        log.info("own run named", run="run_at_0")  # a line naming another run keeps it
+    _in_thread(lambda: library.warning("after the run"))
+    log.info("between runs")
+    lines = {str(line["event"]): line.get(logs.RUN_FIELD) for line in _lines(log_output)}
+    assert lines == {
+        "in the run": "run_at_1",
+        "a library's thread": "run_at_1",
+        "own run named": "run_at_0",
+        "after the run": None,
+        "between runs": None,
+    }
+
+
+def test_steps_bind_study_and_step_and_restore_them(log_output: io.StringIO) -> None:
+    log = logs.get_logger("anonpipe.unit")
+    with logs.run_scope("run_at_2"), in_step(Step.PULL, 7):
+        log.info("pulling")
+        enter_step(Step.DEIDENTIFY)
+        log.info("deidentifying")
+        with in_step(Step.CHECK):
+            log.info("nested")
+        log.info("back")
+    log.info("after")
+    seen = {
+        str(line["event"]): (line.get("run"), line.get("study"), line.get("step"))
+        for line in _lines(log_output)
+    }
+    assert seen == {
+        "pulling": ("run_at_2", 7, "pull"),
+        "deidentifying": ("run_at_2", 7, "deidentify"),
+        "nested": ("run_at_2", 7, "check"),
+        "back": ("run_at_2", 7, "deidentify"),
+        "after": (None, None, None),
+    }
+
+
+def test_carry_context_takes_the_fields_into_a_thread_pool(log_output: io.StringIO) -> None:
+    library = logging.getLogger("somelibrary")
+
+    def work(n: int) -> int:
+        library.info("sending share %d", n)
+        return n
+
+    with (
+        structlog.contextvars.bound_contextvars(study=7, step="push"),
+        ThreadPoolExecutor(2) as pool,
+    ):
+        assert list(pool.map(logs.carry_context(work), [1, 2])) == [1, 2]
+        assert list(pool.map(work, [3])) == [3]  # without: a pool thread has no context
+    fields = {str(line["event"]): line.get("study") for line in _lines(log_output)}
+    assert fields == {"sending share 1": 7, "sending share 2": 7, "sending share 3": None}
+
+
+def test_share_context_lends_the_fields_to_a_library_thread(log_output: io.StringIO) -> None:
+    """As for pynetdicom's DUL thread: it logs with the fields of the step it serves."""
+    library = logging.getLogger("somelibrary")
+    go, lent = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        library.info("before")
+        go.set()
+        lent.wait(5)
+        library.info("after")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    go.wait(5)
+    with structlog.contextvars.bound_contextvars(study=9, step="pull"):
+        logs.share_context(thread, None, object())  # what is not a thread is ignored
+    lent.set()
+    thread.join()
+    fields = {str(x["event"]): (x.get("study"), x.get("step")) for x in _lines(log_output)}
+    assert fields == {"before": (None, None), "after": (9, "pull")}
+
+
+def test_journal_carries_run_study_and_step_as_fields() -> None:
+    rendered = logs.journal_fields(
+        None,
+        "info",
+        {"event": "push finished", "level": "info", "run": "run_at_3", "study": 12, "step": "push"},
+    )
+    fields = json.loads(rendered)
+    assert fields["ANONPIPE_RUN"] == "run_at_3"
+    assert fields["ANONPIPE_STUDY"] == "12" and fields["ANONPIPE_STEP"] == "push"
+    absent = json.loads(logs.journal_fields(None, "info", {"event": "x", "study": None}))
+    assert "ANONPIPE_STUDY" not in absent
+
+
+def test_console_and_json_show_the_fields_as_keys(log_output: io.StringIO) -> None:
+    with logs.run_scope("run_at_4"), in_step(Step.VERIFY, 5):
+        logs.get_logger("anonpipe.unit").info("push verified")
+    (line,) = _lines(log_output)
+    assert (line["run"], line["study"], line["step"]) == ("run_at_4", 5, "verify")
+    buffer = io.StringIO()
+    logs.configure_logging("info", "console", stream=buffer, environ={})
+    with logs.run_scope("run_at_4"), in_step(Step.VERIFY, 5):
+        logs.get_logger("anonpipe.unit").info("push verified")
+    text = buffer.getvalue()
+    assert "run=run_at_4" in text and "study=5" in text and "step=verify" in text
+
+
+def test_aiosqlite_chatter_stays_out_even_at_debug(log_output: io.StringIO) -> None:
+    logging.getLogger("aiosqlite").debug("executing %r", ("SELECT ?", "1.2.3.4.5.6"))
+    logging.getLogger("aiosqlite").warning("a real problem")
+    events = [line["event"] for line in _lines(log_output)]
+    assert events == ["a real problem"]

@@ -5,7 +5,8 @@ A Unix stream socket (a path, mode 0660, never the abstract namespace) under sys
 closes: the request ``{"command": str, "args": {...}}``, the reply ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": "..."}``. Peers are checked with ``SO_PEERCRED``: the daemon's own
 user, root, or a member of the daemon's group. A bad client gets an error reply and never
-takes the server down.
+takes the server down. The daemon's commands and what they reply are
+:mod:`anonpipe.daemon.commands`; this module only carries them.
 """
 
 from __future__ import annotations

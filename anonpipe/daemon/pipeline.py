@@ -5,6 +5,9 @@
 A stop has one representation on each side: asked for through the :class:`StopSignal` (a pause
 lets the step in hand finish; a shutdown also ends a long transfer between two files), carried
 up by :class:`RunStopped`, which leaves the run resumable.
+
+Log lines carry the run, the study (review id) and the :class:`Step` as context fields
+(:mod:`anonpipe.logs`): :func:`in_step` binds them where a step begins.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import structlog
 
 from anonpipe import durable
 from anonpipe.config import Settings
@@ -24,6 +31,7 @@ from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.state import RunRecord, StateStore
 from anonpipe.daemon.states import RunState
 from anonpipe.hooks import AnyHook
+from anonpipe.logs import STEP_FIELD, STUDY_FIELD
 from anonpipe.scp import LandingRegistry
 from anonpipe.scu import MisrouteError, MisrouteGuard
 
@@ -35,13 +43,47 @@ __all__ = [
     "DiskLow",
     "PeerOutage",
     "Pipeline",
+    "PushProgress",
     "RunContext",
     "RunStopped",
+    "Step",
     "StopSignal",
+    "enter_step",
     "failure_text",
+    "in_step",
     "overview_once",
     "practice_identity",
 ]
+
+
+class Step(StrEnum):
+    """What the run, or one of its studies, is doing: a log line's ``step`` field."""
+
+    #: The run's own steps (no study).
+    SELECT = "select"
+    CHECK = "check"
+    FINISH = "finish"
+    #: A study's steps (the per-run hook is the run's).
+    PULL = "pull"
+    DEIDENTIFY = "deidentify"
+    HOOK = "hook"
+    PUSH = "push"
+    VERIFY = "verify"
+    WRITEBACK = "writeback"
+
+
+def in_step(step: Step, study: int | None = None) -> AbstractContextManager[None]:
+    """``with in_step(Step.PUSH, review_id):`` the lines of the block carry the step (and the
+    study's review id); both are restored when it ends."""
+    fields: dict[str, object] = {STEP_FIELD: step.value}
+    if study is not None:
+        fields[STUDY_FIELD] = study
+    return structlog.contextvars.bound_contextvars(**fields)
+
+
+def enter_step(step: Step) -> None:
+    """Move on to *step* inside an :func:`in_step` block (which restores the field at its end)."""
+    structlog.contextvars.bind_contextvars(**{STEP_FIELD: step.value})
 
 
 class RunStopped(Exception):
@@ -79,6 +121,40 @@ class StopSignal:
 
 
 @dataclass
+class PushProgress:
+    """One study's push as it goes, for status; updated from the sending threads.
+
+    ``stored``: files in the research PACS so far. ``retries``: rounds that sent failed files
+    again, and pushes resumed after a failure (the research PACS was down); kept while the
+    study waits, so it counts the study's whole push. ``last_error``: the last reason files
+    were refused or aborted (a status, an association's end: no patient data).
+    """
+
+    stored: int = 0
+    retries: int = 0
+    last_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def begin(self, stored: int) -> None:
+        """A push (again) starts with *stored* files already there."""
+        with self._lock:
+            self.stored = stored
+            if self.last_error is not None:
+                self.retries += 1
+
+    def stored_one(self) -> None:
+        with self._lock:
+            self.stored += 1
+
+    def failed(self, reason: str, retrying: bool) -> None:
+        """Files of a round failed, mostly for *reason*; *retrying*: another round follows."""
+        with self._lock:
+            self.last_error = reason
+            if retrying:
+                self.retries += 1
+
+
+@dataclass
 class Pipeline:
     """What runs need, built once by the service."""
 
@@ -96,8 +172,8 @@ class Pipeline:
     held: list[dict[str, object]] = field(default_factory=list)
     #: Studies waiting out their back-off at the last selection (review id, next try, reason).
     deferred: list[dict[str, object]] = field(default_factory=list)
-    #: Files in the research PACS so far, per study being pushed (review id), for status.
-    pushing: dict[int, int] = field(default_factory=dict)
+    #: Each study in its push (review id): files there so far, retries, the last refusal.
+    pushing: dict[int, PushProgress] = field(default_factory=dict)
     #: Told every run state change (the service sends it to systemd as STATUS=).
     on_state: Callable[[str], None] = lambda _text: None
 

@@ -12,6 +12,9 @@ then its summaries (checking: received and protocol audit files; hooking; writin
 overview's push lines). Everything is driven by the states in the :class:`StateStore`, so a run
 interrupted anywhere (kill -9, SIGTERM, pause) continues where it was. Audit lines go to the run
 directory before the state that follows them is committed, and a line is never written twice.
+
+Every log line of the run carries its name (``run``, :func:`~anonpipe.logs.run_scope`), and a
+line of a step its :class:`~anonpipe.daemon.pipeline.Step` (and, for a study's, its review id).
 """
 
 from __future__ import annotations
@@ -36,18 +39,21 @@ from anonpipe.daemon.pipeline import (
     Pipeline,
     RunContext,
     RunStopped,
+    Step,
     StopSignal,
     failure_text,
+    in_step,
     overview_once,
     practice_identity,
 )
+from anonpipe.daemon.reviewdb import Selection
 from anonpipe.daemon.rundir import FOLDERS, RunDir, post_anon_output
 from anonpipe.daemon.state import RunRecord, StudyRecord
 from anonpipe.daemon.states import RUN_PHASES, RunState, StudyState
 from anonpipe.daemon.study import hook_study, publish, pull_and_deidentify, push_and_verify
 from anonpipe.daemon.workers import DeidWorkers
 from anonpipe.hooks import Hook, HookError, StudyHook, is_per_study, run_hook
-from anonpipe.logs import get_logger
+from anonpipe.logs import get_logger, run_scope
 from anonpipe.scu import MisrouteError
 
 __all__ = [
@@ -97,6 +103,13 @@ async def execute_run(
         run = await _select(p, max_studies or pipe.max_studies, run.practice, run.no_push, run)
         if run is None:
             return None
+    with run_scope(run.name):
+        return await _execute(p, run)
+
+
+async def _execute(p: Pipeline, run: RunRecord) -> RunRecord | None:
+    """The run's studies and its summaries; its state recorded however it ends."""
+    pipe = p.settings.pipeline
     rdir = RunDir.open(run.path)
     ctx = RunContext(
         p,
@@ -111,6 +124,7 @@ async def execute_run(
         await _finish(ctx)
     except RunStopped as exc:
         await p.advance(run.name, RunState.STOPPED, str(exc) or None)
+        log.info("run stopped; it resumes where it stopped", reason=str(exc) or None)
         raise
     except MisrouteError as exc:
         await p.advance(run.name, RunState.FAILED, f"misroute: {exc}")
@@ -149,9 +163,18 @@ async def _select(
     if resumed is None:
         await _remove_unrecorded_runs(p)
         rdir = RunDir.create(p.settings.pipeline.data_dir)
-        await p.store.add_run(rdir.name, rdir.path, practice=practice, no_push=no_push)
     else:
         rdir = RunDir.open(resumed.path)
+    with run_scope(rdir.name), in_step(Step.SELECT):
+        if resumed is None:
+            await p.store.add_run(rdir.name, rdir.path, practice=practice, no_push=no_push)
+        return await _record_selection(p, selection, rdir, practice, no_push)
+
+
+async def _record_selection(
+    p: Pipeline, selection: Selection, rdir: RunDir, practice: bool, no_push: bool
+) -> RunRecord:
+    """The selection's audit files and the run's studies in the state store."""
     overview_once(rdir, audit.starting(datetime.now()), prefix="Starting at ")
     entries: list[tuple[str, tuple[str, ...], str | None]] = [
         (c.original_study_uid, c.comments, None) for c in selection.picked
@@ -246,12 +269,14 @@ async def _studies(ctx: RunContext) -> None:
             ctx.workers = None
         if ctx.halted:
             await ctx.settle(tasks)
-        await p.advance(run.name, RunState.CHECKING)
-        await _pull_summaries(ctx)
-        await _protocol_check(ctx)
+        with in_step(Step.CHECK):
+            await p.advance(run.name, RunState.CHECKING)
+            await _pull_summaries(ctx)
+            await _protocol_check(ctx)
         await p.advance(run.name, RunState.HOOKING)
         if not per_study:
-            await _run_hook(ctx, cast(Hook, p.hook))
+            with in_step(Step.HOOK):
+                await _run_hook(ctx, cast(Hook, p.hook))
         await p.advance(run.name, RunState.PUSHING)
         if not per_study:
             tasks += [_spawn(ctx, push_later(s)) for s in studies]
@@ -435,6 +460,11 @@ async def _back_off(p: Pipeline, run: RunRecord) -> None:
 
 
 async def _finish(ctx: RunContext) -> None:
+    with in_step(Step.FINISH):
+        await _finish_run(ctx)
+
+
+async def _finish_run(ctx: RunContext) -> None:
     p, run, rdir = ctx.p, ctx.run, ctx.rdir
     await _back_off(p, run)
     rdir.finish(audit.finished_at(datetime.now()))

@@ -4,24 +4,29 @@ Like uvicorn's ``Server``: :meth:`Service.start` opens everything in dependency 
 early with a clear message, :meth:`Service.run` loops until its shutdown trigger fires, and
 :meth:`Service.stop` closes in reverse order (STOPPING=1, no new work, drain the SCP's open
 associations, close the stores). Signal handlers only set the trigger.
+
+The scheduling state an operator changes lives here too: the pause (kept in the state store
+until resume, so a restart does not forget it) and the poll on demand. What the control socket's
+commands do with them is :mod:`anonpipe.daemon.commands`; what status shows,
+:mod:`anonpipe.daemon.status`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import threading
-from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from anonpipe.anon.identity import check_identity
 from anonpipe.config import Settings
+from anonpipe.daemon.commands import Commands
 from anonpipe.daemon.control import ControlServer
 from anonpipe.daemon.lock import DataDirLock
 from anonpipe.daemon.notify import Notifier
 from anonpipe.daemon.reviewdb import review_database
-from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.runner import (
     PeerOutage,
     Pipeline,
@@ -30,8 +35,9 @@ from anonpipe.daemon.runner import (
     execute_run,
     failure_text,
 )
-from anonpipe.daemon.state import RunRecord, StateStore
-from anonpipe.daemon.states import RunState, StudyState
+from anonpipe.daemon.state import PAUSED, RunRecord, StateStore
+from anonpipe.daemon.states import RunState
+from anonpipe.daemon.status import PeerStatus, ServiceState
 from anonpipe.hooks import resolve_hook
 from anonpipe.logs import get_logger
 from anonpipe.scp import LandingRegistry, StorageSCP
@@ -42,6 +48,7 @@ from anonpipe.scu import (
     end_open_associations,
     remote_peers,
 )
+from anonpipe.web import WebServer, start_web
 
 __all__ = ["Service", "state_store_path"]
 
@@ -83,12 +90,17 @@ class Service:
         )
         self.lock = DataDirLock(data_dir)
         self.control: ControlServer | None = None
+        #: The read-only status pages and /metrics ([web]); listening only between start and stop.
+        self.web = WebServer()
         #: Pause (the step in hand finishes) and shutdown (SIGTERM/SIGINT or stop(); read from
         #: the transfer threads too): what the runs see.
         self.stop_signal = StopSignal()
+        #: When the operator's pause began (UTC, ISO 8601), None when not paused by one.
+        self.paused_since: str | None = None
         self.waiting: str | None = None
         self._down = ""  # the unreachable PACS at the last cycle, for logging changes only
-        self.peers: dict[str, Any] = {}
+        #: What the last C-ECHO (or a failed association since) found, by name.
+        self.peers: dict[str, PeerStatus] = {}
         self._poll = asyncio.Event()
         self._shutdown: asyncio.Event | None = None
         self.pipeline: Pipeline | None = None
@@ -105,11 +117,32 @@ class Service:
 
     @property
     def paused(self) -> bool:
+        """The step in hand finishes, nothing new starts (an operator's pause, or a misroute)."""
         return self.stop_signal.paused
 
-    @paused.setter
-    def paused(self, value: bool) -> None:
-        self.stop_signal.paused = value
+    async def pause(self) -> None:
+        """Pause until :meth:`resume`, in the state store first: a restart stays paused."""
+        flag = await self.store.set_flag(PAUSED, "operator")
+        self.paused_since = flag.since if flag else None
+        self.stop_signal.paused = True
+        self.notifier.status(self._status_line())
+        log.info("paused by the operator")
+
+    async def resume(self) -> bool:
+        """Undo a pause (and a misroute's block), then look for work at once; returns whether
+        the misroute guard was cleared."""
+        cleared = self.guard.clear()
+        await self.store.set_flag(PAUSED, None)
+        self.paused_since = None
+        self.stop_signal.paused = False
+        self.poll_now()
+        self.notifier.status(self._status_line())
+        log.info("resumed by the operator", misroute_cleared=cleared)
+        return cleared
+
+    def poll_now(self) -> None:
+        """Start the next cycle now rather than at the next poll interval."""
+        self._poll.set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,9 +159,14 @@ class Service:
         self.lock.acquire()
         try:
             await self.store.open()
+            paused = await self.store.flag(PAUSED)
         except BaseException:
+            await self.store.close()
             self.lock.release()
             raise
+        if paused is not None:  # paused before a restart: stays paused until resume
+            self.stop_signal.paused = True
+            self.paused_since = paused.since
         self.pipeline = Pipeline(
             self.settings,
             self.store,
@@ -142,16 +180,22 @@ class Service:
         try:
             self.scp.start()
             if control:
-                self.control = ControlServer(self.settings.control.socket, self._handlers())
+                self.web = await start_web(self.settings, self)
+                self.control = ControlServer(
+                    self.settings.control.socket, Commands(self).handlers()
+                )
                 await self.control.start()
         except BaseException:
             # Undo what opened, so a failed start leaves no thread or socket behind.
+            await self.web.stop()
             await asyncio.to_thread(self.scp.stop, 0.0)
             await self.store.close()
             self.lock.release()
             raise
         self.notifier.ready(self._status_line())
-        log.info("service started", scp_port=self.scp.port, paused=self.paused)
+        log.info(
+            "service started", scp_port=self.scp.port, paused=self.paused, since=self.paused_since
+        )
 
     async def stop(self) -> None:
         """STOPPING=1, stop taking work, drain the SCP, close the control socket and stores."""
@@ -159,6 +203,7 @@ class Service:
         self.notifier.stopping("stopping: draining associations")
         if self.control is not None:
             await self.control.stop()
+        await self.web.stop()
         await asyncio.to_thread(self.scp.stop, DRAIN_SECONDS)
         await self.store.close()
         self.lock.release()
@@ -246,7 +291,7 @@ class Service:
         except PeerOutage as exc:
             # Down from the first failed association, not only at the next C-ECHO.
             if exc.peer in self.peers:
-                self.peers[exc.peer] = {**self.peers[exc.peer], "ok": False, "error": exc.reason}
+                self.peers[exc.peer] = self._peer_seen(self.peers[exc.peer], False, exc.reason)
             every = self.settings.review.poll_interval
             self.waiting = f"waiting: {exc} (trying again every {every:g} s)"
             log.warning("run waits for a PACS", peer=exc.peer, reason=exc.reason)
@@ -260,7 +305,8 @@ class Service:
             self.waiting = f"waiting: the run could not be recorded: {failure_text(exc)}"
             log.exception("run could not be recorded; trying again next cycle")
         except MisrouteError:
-            self.paused = True
+            # Blocked until an operator resumes (the guard itself is kept in misroute.json).
+            self.stop_signal.paused = True
         finally:
             self.notifier.status(self._status_line())
 
@@ -274,148 +320,50 @@ class Service:
         pushes = not (run.practice or run.no_push) if run else not (pipe.practice or pipe.no_push)
         needed = ("staging", "research") if pushes else ("staging",)
         down = [
-            f"{name} PACS {self.peers[name]['peer']} unreachable: {self.peers[name]['error']}"
+            f"{name} PACS {self.peers[name].peer} unreachable: {self.peers[name].error}"
             for name in needed
-            if name in self.peers and not self.peers[name]["ok"]
+            if name in self.peers and not self.peers[name].ok
         ]
         return " | ".join(down)
 
     async def _echo_peers(self) -> None:
         for name, peer in remote_peers(self.settings).items():
             result = await asyncio.to_thread(echo, self.settings.local, peer)
-            self.peers[name] = {
-                "peer": result.peer,
-                "ok": result.ok,
-                "error": result.error,
-                "tls": peer.tls is not None,
-            }
+            seen = PeerStatus(peer=result.peer, ok=True, error="", tls=peer.tls is not None)
+            self.peers[name] = self._peer_seen(
+                self.peers.get(name, seen), result.ok, result.error, peer=result.peer
+            )
+
+    def _peer_seen(
+        self, before: PeerStatus, ok: bool, error: str, *, peer: str | None = None
+    ) -> PeerStatus:
+        """*before* as just found: reachable, or down (since its first failed check)."""
+        now = datetime.now(UTC)
+        again = now + timedelta(seconds=self.settings.review.poll_interval)
+        return dataclasses.replace(
+            before,
+            peer=peer or before.peer,
+            ok=ok,
+            error="" if ok else error,
+            checked=now.isoformat(timespec="seconds"),
+            down_since=None if ok else (before.down_since or now.isoformat(timespec="seconds")),
+            next_check=None if ok else again.isoformat(timespec="seconds"),
+        )
+
+    def condition(self) -> tuple[ServiceState, str]:
+        """What the service is doing, and the line systemd's STATUS= and status show."""
+        if self.stopping:
+            return ServiceState.STOPPING, "stopping"
+        if self.guard.tripped:
+            return ServiceState.BLOCKED, "blocked: misroute detected, pulls stopped"
+        if self.paused:
+            return ServiceState.PAUSED, "paused"
+        if self.waiting:
+            return ServiceState.WAITING, self.waiting
+        current = self.pipeline.current if self.pipeline else None
+        if current:
+            return ServiceState.RUNNING, f"running {current}"
+        return ServiceState.IDLE, "idle"
 
     def _status_line(self) -> str:
-        if self.guard.tripped:
-            return "blocked: misroute detected, pulls stopped"
-        if self.paused:
-            return "paused"
-        if self.waiting:
-            return self.waiting
-        current = self.pipeline.current if self.pipeline else None
-        return f"running {current}" if current else "idle"
-
-    # -- control ----------------------------------------------------------------------------
-
-    def _handlers(self) -> dict[str, Any]:
-        return {
-            "status": self._status,
-            "runs": self._runs,
-            "show": self._show,
-            "restart-run": self._restart,
-            "pause": self._pause,
-            "resume": self._resume,
-            "poll": self._poll_now,
-            "echo": self._echo,
-        }
-
-    async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
-        latest = await self.store.latest_run()
-        studies = await self._study_rows(latest.name) if latest else []
-        return {
-            "state": self._status_line(),
-            "misroute": self.guard.tripped,
-            "run": None
-            if latest is None
-            else {"name": latest.name, "state": latest.state, "error": latest.error},
-            "studies": studies,
-            "held": list(self.pipeline.held if self.pipeline else []),
-            "deferred": list(self.pipeline.deferred if self.pipeline else []),
-            "scp": asdict(self.scp.status()),
-            "peers": self.peers,
-            "errors": list(self.pipeline.errors if self.pipeline else []),
-        }
-
-    async def _study_rows(self, run: str) -> list[dict[str, Any]]:
-        # Review ids and counts only: no original UIDs or accession numbers on the socket.
-        rows = []
-        pushing = self.pipeline.pushing if self.pipeline else {}
-        for s in await self.store.studies(run):
-            row = {
-                "study": s.review_id,
-                "step": s.state,
-                "expected": s.expected,
-                "landed": s.landed,
-                "clean": s.clean,
-                "quarantined": s.quarantined,
-                "duplicates": s.duplicates,
-                "pushed": s.pushed,
-                "reason": s.reason,
-                "notes": s.notes,
-            }
-            # Live progress of the step in hand (the store has the counts once it is done).
-            pulling = s.state is StudyState.PULLING
-            landing = self.registry.get(s.original_study_uid) if pulling else None
-            if landing is not None:
-                row.update(expected=landing.expected, landed=landing.landed)
-            if s.state is StudyState.PUSHING and s.review_id in pushing:
-                row["pushed"] = pushing[s.review_id]
-            rows.append(row)
-        return rows
-
-    async def _runs(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": r.name,
-                "state": r.state,
-                "practice": r.practice,
-                "started": r.started,
-                "finished": r.finished,
-                "error": r.error,
-            }
-            for r in await self.store.runs()
-        ]
-
-    async def _show(self, args: dict[str, Any]) -> dict[str, Any]:
-        record = await self.store.run(str(args.get("run", "")))
-        if record is None:
-            raise ValueError(f"no run named {args.get('run')!r}; see `anonpipectl runs`")
-        return {
-            "name": record.name,
-            "state": record.state,
-            "error": record.error,
-            "path": str(record.path),
-            "studies": await self._study_rows(record.name),
-            "overview": RunDir.open(record.path).read_lines("overview.txt"),
-        }
-
-    async def _restart(self, args: dict[str, Any]) -> str:
-        latest = await self.store.latest_run()
-        name = args.get("run") or (latest.name if latest else None)
-        record = await self.store.run(str(name)) if name else None
-        if record is None:
-            raise ValueError("no such run; see `anonpipectl runs`")
-        if record.state is RunState.DONE:
-            raise ValueError(f"{record.name} is done; nothing to restart")
-        await self.store.set_run_state(record.name, RunState.STOPPED)
-        self._poll.set()
-        return f"{record.name} will resume at its first unfinished step"
-
-    async def _pause(self, _args: dict[str, Any]) -> str:
-        self.paused = True
-        self.notifier.status(self._status_line())
-        return "paused: the current step finishes, nothing new starts"
-
-    async def _resume(self, _args: dict[str, Any]) -> str:
-        cleared = self.guard.clear()
-        self.paused = False
-        self._poll.set()
-        self.notifier.status(self._status_line())
-        return "resumed" + (" (misroute guard cleared)" if cleared else "")
-
-    async def _poll_now(self, _args: dict[str, Any]) -> str:
-        self._poll.set()
-        return "polling the review database now"
-
-    async def _echo(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = str(args.get("peer", ""))
-        peers = remote_peers(self.settings)
-        if name not in peers:
-            raise ValueError("peer must be staging or research")
-        result = await asyncio.to_thread(echo, self.settings.local, peers[name])
-        return asdict(result)
+        return self.condition()[1]

@@ -19,7 +19,7 @@ import aiosqlite
 
 from anonpipe.daemon.states import Failure, RunState, StudyState
 
-__all__ = ["Deferred", "FileRecord", "RunRecord", "StateStore", "StudyRecord"]
+__all__ = ["PAUSED", "Deferred", "FileRecord", "Flag", "RunRecord", "StateStore", "StudyRecord"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS backoff (
     next_try TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS flags (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    since TEXT NOT NULL
+);
 """
 
 #: Columns added after the first release: (table, column, definition), added to older files.
@@ -92,6 +97,10 @@ _LEGACY_FAILURES = (
     ("staging PACS unavailable%", Failure.STAGING_REFUSED),
     ("pull %", Failure.PULL_INCOMPLETE),
 )
+
+
+#: The flag of an operator's pause (``anonpipectl pause``), kept until ``resume``.
+PAUSED = "paused"
 
 
 def _now() -> str:
@@ -175,6 +184,15 @@ class Deferred:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A setting of the service that outlives it (table ``flags``): its value, and since when
+    (UTC, ISO 8601)."""
+
+    value: str
+    since: str
+
+
 class StateStore:
     """Async access to the state store; one connection, owned by the event loop's thread."""
 
@@ -252,6 +270,14 @@ class StateStore:
         ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else _run(row)
+
+    async def recent_runs(self, limit: int) -> list[RunRecord]:
+        """The newest *limit* runs, oldest first (status reads these, not the whole history)."""
+        async with self.db.execute(
+            "SELECT * FROM runs ORDER BY started DESC, name DESC LIMIT ?", (limit,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_run(row) for row in reversed(list(rows))]
 
     async def unfinished_run(self) -> RunRecord | None:
         """The newest run that is neither done nor failed (a crash or stop interrupted it).
@@ -393,6 +419,29 @@ class StateStore:
         ) as cursor:
             rows = await cursor.fetchall()
         return [Deferred(r["review_id"], r["failures"], r["next_try"], r["reason"]) for r in rows]
+
+    # -- flags -----------------------------------------------------------------------------
+
+    async def flag(self, name: str) -> Flag | None:
+        """The flag *name*, or None when it is not set."""
+        async with self.db.execute(
+            "SELECT value, since FROM flags WHERE name = ?", (name,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else Flag(row["value"], row["since"])
+
+    async def set_flag(self, name: str, value: str | None) -> Flag | None:
+        """Set the flag *name* to *value* (kept with its time when the value is the same), or
+        clear it with None; committed when this returns."""
+        if value is None:
+            await self._write("DELETE FROM flags WHERE name = ?", (name,))
+            return None
+        await self._write(
+            "INSERT INTO flags (name, value, since) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE"
+            " SET value = excluded.value, since = excluded.since WHERE value != excluded.value",
+            (name, value, _now()),
+        )
+        return await self.flag(name)
 
     async def mark_pushed(self, run: str, review_id: int, names: Iterable[str]) -> None:
         await self.db.executemany(

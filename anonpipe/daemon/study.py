@@ -7,30 +7,41 @@ files already pushed are not pushed again (and what the research PACS holds is s
 every audit line is written once. Durability is bought where it matters: objects landed by
 C-MOVE still exist in the staging PACS, so they are not synced one by one; a study counts as
 pulled only after one sync of the filesystem holding its landing folder and outputs.
+
+Each step's log lines carry the study's review id and the step (:func:`in_step`), in the threads
+it hands work to and in the de-identification workers too (:mod:`anonpipe.logs`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import threading
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from anonpipe.anon.deidentify import Outcome
 from anonpipe.config import LocalSettings, ResearchSettings
 from anonpipe.daemon import audit
-from anonpipe.daemon.pipeline import DiskLow, PeerOutage, RunContext, RunStopped
+from anonpipe.daemon.pipeline import (
+    DiskLow,
+    PeerOutage,
+    PushProgress,
+    RunContext,
+    RunStopped,
+    Step,
+    enter_step,
+    in_step,
+)
 from anonpipe.daemon.rundir import post_anon_output
 from anonpipe.daemon.state import FileRecord, StudyRecord
 from anonpipe.daemon.states import Failure, StudyState
 from anonpipe.daemon.workers import Task
 from anonpipe.durable import sync_folder, sync_tree
 from anonpipe.hooks import HookStudy, StudyHook, run_study_hook
-from anonpipe.logs import get_logger
+from anonpipe.logs import STEP_FIELD, get_logger
 from anonpipe.scp import Arrival
 from anonpipe.scu import (
     Cause,
@@ -83,6 +94,11 @@ async def pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyRecor
     """
     if not study.state.to_pull:
         return study
+    with in_step(Step.PULL, study.review_id):
+        return await _pull_and_deidentify(ctx, study)
+
+
+async def _pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     ctx.boundary()
     ctx.check_space()
     p, rdir = ctx.p, ctx.rdir
@@ -94,11 +110,14 @@ async def pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyRecor
     landing_dir = rdir.from_staging / str(study.review_id)
     landing_dir.mkdir(parents=True, exist_ok=True)
     submitted: dict[Task, asyncio.Future[Outcome]] = {}
+    # The workers' lines: this run and study, step deidentify (also for files that land during
+    # the pull, handed over from the SCP's thread).
+    fields = {**structlog.contextvars.get_contextvars(), STEP_FIELD: Step.DEIDENTIFY.value}
 
     def submit(path: Path) -> None:
         task = (path, rdir.to_production, rdir.quarantine)
         if task not in submitted and not path.name.startswith("."):
-            submitted[task] = workers.submit(task)
+            submitted[task] = workers.submit(task, fields)
 
     def on_arrival(arrival: Arrival) -> None:  # SCP thread: hand over to the loop
         loop.call_soon_threadsafe(submit, arrival.path)
@@ -132,6 +151,7 @@ async def pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyRecor
         # The staging PACS went away in the middle of the move: left "pulling" as well.
         rdir.append("pull_output.txt", audit.pull_waiting(study.review_id, result.detail))
         raise PeerOutage("staging", result.detail)
+    enter_step(Step.DEIDENTIFY)
     for path in sorted(landing_dir.iterdir()):
         submit(path)
     outcomes = await workers.outcomes(dict(submitted))  # late arrival callbacks add nothing new
@@ -249,13 +269,20 @@ async def hook_study(ctx: RunContext, study: StudyRecord, hook: StudyHook) -> St
     """
     if study.state is not StudyState.DEIDENTIFIED or not study.cleaned_study_uid:
         return study
+    with in_step(Step.HOOK, study.review_id):
+        return await _hook_study(ctx, study, study.cleaned_study_uid, hook)
+
+
+async def _hook_study(
+    ctx: RunContext, study: StudyRecord, uid: str, hook: StudyHook
+) -> StudyRecord:
     ctx.boundary()
     files = await _clean_files(ctx, study)
     first = files[0] if files else None
     subject = HookStudy(
         run_dir=ctx.rdir.path,
-        folder=ctx.rdir.to_production / study.cleaned_study_uid,
-        study_uid=study.cleaned_study_uid,
+        folder=ctx.rdir.to_production / uid,
+        study_uid=uid,
         review_id=study.review_id,
         files=len(files),
         series=len({f.series_uid for f in files}),
@@ -286,9 +313,14 @@ async def push_and_verify(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     raises :class:`RunStopped` (left ``pushing``) for a stop or an outage."""
     if not study.state.to_push or not study.cleaned_study_uid:
         return study
+    with in_step(Step.PUSH, study.review_id):
+        return await _push_and_verify(ctx, study, study.cleaned_study_uid)
+
+
+async def _push_and_verify(ctx: RunContext, study: StudyRecord, uid: str) -> StudyRecord:
     ctx.boundary()
     ctx.check_space()
-    p, rdir, uid = ctx.p, ctx.rdir, study.cleaned_study_uid
+    p, rdir = ctx.p, ctx.rdir
     settings = p.settings
     study = await _set(ctx, study, StudyState.PUSHING)
     files = await _clean_files(ctx, study)
@@ -300,17 +332,18 @@ async def push_and_verify(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     todo = [f for f in files if f.sop_instance_uid not in present and f.output]
     if already:
         await p.store.mark_pushed(ctx.run.name, study.review_id, [f.name for f in already])
-    try:
-        report = await asyncio.to_thread(
-            _push,
-            settings.local,
-            settings.research,
-            [_item(f, uid) for f in todo],
-            on_stored=_progress(p.pushing, study.review_id, len(already)),
-            stop=p.stop.now,
-        )
-    finally:
-        del p.pushing[study.review_id]
+    # Kept while the study waits in its push (an outage, a stop): status shows its retries.
+    progress = p.pushing.setdefault(study.review_id, PushProgress())
+    progress.begin(len(already))
+    report = await asyncio.to_thread(
+        _push,
+        settings.local,
+        settings.research,
+        [_item(f, uid) for f in todo],
+        on_stored=progress.stored_one,
+        on_failed=progress.failed,
+        stop=p.stop.now,
+    )
     stored_paths = {r.path for r in report.stored}
     stored = [f.name for f in todo if Path(f.output or "") in stored_paths]
     await p.store.mark_pushed(ctx.run.name, study.review_id, stored)
@@ -331,6 +364,7 @@ async def push_and_verify(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     finished = audit.FinishedPush(uid, len(already) + len(stored), len(files), len(already))
     if not any(line.startswith(f"{finished.prefix} (") for line in lines):
         ctx.append_new("push_output.txt", finished.line(), lines)
+    enter_step(Step.VERIFY)
     (check,) = await asyncio.to_thread(
         verify_studies, settings.local, settings.research, {uid: len(files)}
     )
@@ -354,6 +388,7 @@ async def push_and_verify(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     ctx.append_new("push_output.txt", audit.verified(uid, check.found, len(files), state), lines)
     if reason:
         p.note_error(f"{ctx.run.name}: study {study.review_id}: {reason}")
+    del p.pushing[study.review_id]  # its push is over
     return await _set(ctx, study, state, failure=failure, reason=reason, pushed=finished.pushed)
 
 
@@ -381,24 +416,16 @@ def _push(
     return push_files(local, research, paths, **kwargs)
 
 
-def _progress(counts: dict[int, int], key: int, start: int) -> Callable[[], None]:
-    """``counts[key] = start``, and a callable that adds one from any thread (live progress)."""
-    following = itertools.count(start + 1)
-    lock = threading.Lock()
-    counts[key] = start
-
-    def step() -> None:
-        with lock:
-            counts[key] = next(following)
-
-    return step
-
-
 # -- write back -----------------------------------------------------------------------------
 
 
 async def publish(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     """Write a verified study, or a failure an operator must see, back to the review DB."""
+    with in_step(Step.WRITEBACK, study.review_id):
+        return await _publish(ctx, study)
+
+
+async def _publish(ctx: RunContext, study: StudyRecord) -> StudyRecord:
     if study.state is StudyState.VERIFIED:
         files = await _clean_files(ctx, study)
         first = files[0] if files else None

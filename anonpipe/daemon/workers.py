@@ -11,17 +11,24 @@ message that says so.
 The studies in flight share one pool: the first to see it broken rebuilds it (once per broken
 pool, whoever asks), and the files of the others that the old pool dropped (their futures
 cancelled by its shutdown) are done again in the new one too.
+
+A worker's log lines (pydicom's warnings, a record of the engine) are formatted and redacted as
+the daemon's are, and carry the run, study and step of the file's submitter: each task takes its
+context fields along, and the worker configures its logging like the daemon's on its first task.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import structlog
+
 from anonpipe.anon.batch import EngineSpec, run_in_worker, worker_pool
 from anonpipe.anon.deidentify import Outcome
-from anonpipe.logs import get_logger
+from anonpipe.logs import LoggingSetup, adopt_setup, get_logger, worker_setup
 
 __all__ = ["DeidWorkers", "WorkersDied"]
 
@@ -45,13 +52,28 @@ class DeidWorkers:
         #: How often the pool was rebuilt (for tests and the log); also the pool's generation.
         self.rebuilds = 0
         self._generation: dict[Task, int] = {}
+        #: Each task's log context fields, kept for its redo in a rebuilt pool.
+        self._fields: dict[Task, Mapping[str, object]] = {}
+        self._logging = worker_setup()
 
-    def submit(self, task: Task) -> asyncio.Future[Outcome]:
-        """Start de-identifying one file; call from the event loop's thread."""
+    def submit(
+        self, task: Task, fields: Mapping[str, object] | None = None
+    ) -> asyncio.Future[Outcome]:
+        """Start de-identifying one file; call from the event loop's thread.
+
+        *fields* are the log context of the worker's lines for this file (run, study, step);
+        by default the caller's context fields.
+        """
         loop = asyncio.get_running_loop()
         self._generation[task] = self.rebuilds
+        if fields is not None:
+            self._fields[task] = fields  # shared by a study's files, not copied
+        elif task not in self._fields:
+            self._fields[task] = structlog.contextvars.get_contextvars()
         try:
-            return loop.run_in_executor(self._pool, run_in_worker, task)
+            return loop.run_in_executor(
+                self._pool, _deidentify, task, self._fields[task], self._logging
+            )
         except BrokenProcessPool as exc:  # broke earlier: redone in outcomes()
             future: asyncio.Future[Outcome] = loop.create_future()
             future.set_exception(exc)
@@ -105,6 +127,14 @@ class DeidWorkers:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = worker_pool(self._spec, self._jobs)
         self.rebuilds += 1
+
+
+def _deidentify(task: Task, fields: Mapping[str, object], setup: LoggingSetup | None) -> Outcome:
+    """In a worker: :func:`run_in_worker` with the submitter's log fields bound (the worker's
+    logging set up like the daemon's first)."""
+    adopt_setup(setup)
+    with structlog.contextvars.bound_contextvars(**fields):
+        return run_in_worker(task)
 
 
 def _dropped(future: asyncio.Future[Outcome]) -> bool:

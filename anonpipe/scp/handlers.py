@@ -16,7 +16,8 @@ Contracts (one place for each):
   from the spool (:func:`~anonpipe.scp.spool.discard_unfinished`); the sender never got a success
   for it.
 
-Logs carry AE titles, addresses and reasons; never UIDs or other header values.
+Logs carry AE titles, addresses and reasons; never UIDs or other header values. Once an object
+of a pull landed, the association's lines carry that pull's run, study and step.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from anonpipe.dimse import Status
-from anonpipe.logs import get_logger
+from anonpipe.logs import get_logger, share_context
 from anonpipe.scp.connections import LIMIT_REACHED, ConnectionGuard
 from anonpipe.scp.lander import Lander, Refused, StoreRequest
 from anonpipe.scp.landing import Tally
@@ -105,6 +106,10 @@ def on_c_store(event: Any, lander: Lander) -> int:
     except Exception:
         log.exception("object not stored: unexpected error", calling_ae=calling)
         return int(Status.PROCESSING_FAILURE)
+    finally:
+        # The object's pull (if one expects it) is now this thread's log context: the DUL
+        # thread reading the association's next PDUs logs as part of it too.
+        share_context(getattr(event.assoc, "dul", None))
     return int(Status.SUCCESS)
 
 

@@ -106,6 +106,8 @@ class Lander:
                     uids = _read_uids(request.temp_path, request.transfer_syntax)
                     study_uid = uids.get("study", "")
                     landing = self.registry.get(study_uid) if is_valid_uid(study_uid) else None
+                if landing is not None:
+                    landing.adopt_log_context()
                 raise Refused(Status.OUT_OF_RESOURCES, BELOW_FLOOR)
             uids = _read_uids(request.temp_path, request.transfer_syntax)
             study_uid = uids.get("study", "")
@@ -114,6 +116,7 @@ class Lander:
             landing = self.registry.get(study_uid)
             if landing is None:
                 raise Refused(Status.REFUSED_NOT_AUTHORIZED, "unsolicited: no pull expects it")
+            landing.adopt_log_context()
             arrival = self._move_into(landing, request, uids)
         except Refused as refusal:
             if landing is not None:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from anonpipe.dimse import is_valid_uid
 from anonpipe.logs import get_logger
 
@@ -63,6 +65,8 @@ class Landing:
     on_arrival: ArrivalHandler | None = None
     #: How many instances the pull expects (its C-FIND count), for progress; None if unknown.
     expected: int | None = None
+    #: The pull's log context fields (run, study, step), taken where it registered.
+    log_context: dict[str, object] = field(default_factory=structlog.contextvars.get_contextvars)
     _instances: set[str] = field(default_factory=set)
     _refused: int = 0
     _associations: set[int] = field(default_factory=set)
@@ -91,6 +95,15 @@ class Landing:
         """How many inbound associations delivered objects of this study."""
         with self._changed:
             return len(self._associations)
+
+    def adopt_log_context(self) -> None:
+        """Bind the pull's log fields in the calling SCP thread: an association that delivers
+        a pull's objects logs as part of that pull (its run, study and step) from then on.
+
+        The binding lasts as long as the thread, which is the association's own (pynetdicom
+        runs each association in a thread of its own, never reused).
+        """
+        structlog.contextvars.bind_contextvars(**self.log_context)
 
     def record(self, arrival: Arrival, association_id: int) -> None:
         """Count a landed object, wake waiters, then tell the handler (its errors are logged)."""

@@ -16,6 +16,7 @@ from pynetdicom.presentation import build_context
 
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import STUDY_ROOT_FIND, Endpoint, is_valid_uid, status_category
+from anonpipe.logs import share_context
 from anonpipe.scu.association import Cause, associate, describe
 
 __all__ = ["QueryFailed", "StudyCount", "count_study", "list_instances"]
@@ -91,6 +92,8 @@ def list_instances(local: LocalSettings, peer: Endpoint, study_uid: str) -> set[
 
 def _find(local: LocalSettings, peer: Endpoint, query: Dataset) -> Iterator[Dataset]:
     with associate(local, peer, [build_context(_MODEL)]) as assoc:
+        # pynetdicom's threads serving the association log with our fields
+        share_context(assoc, getattr(assoc, "dul", None))
         responses = list(assoc.send_c_find(query, _MODEL))
     for status, identifier in responses:
         code = status.get("Status") if status else None

@@ -26,7 +26,7 @@ from pynetdicom.presentation import build_context
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import STUDY_ROOT_MOVE, Endpoint, Status, status_category
 from anonpipe.durable import fsync_path
-from anonpipe.logs import get_logger
+from anonpipe.logs import get_logger, share_context
 from anonpipe.scp.landing import ArrivalHandler, LandingRegistry
 from anonpipe.scu.association import Cause, associate, describe, ended
 from anonpipe.scu.find import count_study
@@ -240,6 +240,8 @@ def pull_study(
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.StudyInstanceUID = study_uid
         with associate(local, staging, [build_context(_MODEL)]) as assoc:
+            # pynetdicom's threads serving the association log with our fields
+            share_context(assoc, getattr(assoc, "dul", None))
             responses = assoc.send_c_move(
                 identifier, local.ae_title, _MODEL, msg_id=_next_message_id()
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from anonpipe.config import LocalSettings, ResearchSettings
 from anonpipe.dimse import Status, configure_transfer, status_category
 from anonpipe.headers import read_header, text_value
-from anonpipe.logs import get_logger
+from anonpipe.logs import carry_context, get_logger, share_context
 from anonpipe.scu.association import (
     MAX_CONTEXTS,
     Cause,
@@ -51,6 +52,9 @@ __all__ = [
 log = get_logger(__name__)
 
 ResultHandler = Callable[["FileResult"], None]
+#: Told after each round in which files failed: their most common error, and whether another
+#: round follows (for status: a push's retries and its last refusal or abort).
+FailureHandler = Callable[[str, bool], None]
 
 #: The error of a file left unsent because the push was stopped.
 NOT_SENT_STOPPED = "not sent: the push was stopped"
@@ -174,6 +178,7 @@ def push_files(
     retry_backoff: float | None = None,
     on_result: ResultHandler | None = None,
     on_stored: Callable[[], None] | None = None,
+    on_failed: FailureHandler | None = None,
     stop: threading.Event | None = None,
     sleep: Callable[[float], object] | None = None,
 ) -> PushReport:
@@ -204,6 +209,7 @@ def push_files(
         retry_backoff=retry_backoff,
         on_result=on_result,
         on_stored=on_stored,
+        on_failed=on_failed,
         stop=stop,
         sleep=sleep,
     )
@@ -219,6 +225,7 @@ def push_items(
     retry_backoff: float | None = None,
     on_result: ResultHandler | None = None,
     on_stored: Callable[[], None] | None = None,
+    on_failed: FailureHandler | None = None,
     stop: threading.Event | None = None,
     sleep: Callable[[float], object] | None = None,
 ) -> PushReport:
@@ -247,6 +254,9 @@ def push_items(
         Called once per file with its final result (from the calling thread).
     on_stored : callable, optional
         Called as each file is stored, from the sending threads (live progress).
+    on_failed : callable, optional
+        Called after each round in which files failed, with their most common error and
+        whether another round follows (from the calling thread).
     stop : threading.Event, optional
         Once set (from any thread), no further file is sent, a retry wait ends, and the report
         is ``stopped``.
@@ -265,6 +275,7 @@ def push_items(
         retry_backoff=retry_backoff,
         on_result=on_result,
         on_stored=on_stored,
+        on_failed=on_failed,
         stop=stop,
         sleep=sleep,
     )
@@ -282,6 +293,7 @@ def _push(
     retry_backoff: float | None = None,
     on_result: ResultHandler | None = None,
     on_stored: Callable[[], None] | None = None,
+    on_failed: FailureHandler | None = None,
     stop: threading.Event | None = None,
     sleep: Callable[[float], object] | None = None,
 ) -> PushReport:
@@ -311,6 +323,7 @@ def _push(
             sleep(delay)
         outcomes = _send_round(local, research, pending, associations, stop, on_stored)
         retry: list[PushItem] = []
+        errors: list[str] = []
         for item, status, error, transient, cause in outcomes:
             if error == NOT_SENT_STOPPED:
                 stopped = True
@@ -339,8 +352,13 @@ def _push(
                 cause if outcome == "failed" else None,
             )
             results[item.path] = result
-            if outcome == "failed" and transient:
-                retry.append(item)
+            if outcome == "failed":
+                errors.append(error)
+                if transient:
+                    retry.append(item)
+        if errors and on_failed is not None:
+            again = bool(retry) and not stopped and round_no < retries
+            on_failed(Counter(errors).most_common(1)[0][0], again)
         pending = retry
         if not pending or stopped:
             break
@@ -416,7 +434,9 @@ def _send_round(
     if len(shares) == 1:
         return _send_share(local, research, shares[0], stop, on_stored)
     with ThreadPoolExecutor(len(shares), thread_name_prefix="push") as pool:
-        done = pool.map(lambda share: _send_share(local, research, share, stop, on_stored), shares)
+        # The pool's threads log as the caller (its run, study and step): carry_context.
+        send = carry_context(lambda share: _send_share(local, research, share, stop, on_stored))
+        done = pool.map(send, shares)
         return [outcome for share in done for outcome in share]
 
 
@@ -434,6 +454,8 @@ def _send_share(
             continue
         try:
             with associate(local, research, contexts) as assoc:
+                # pynetdicom's threads serving the association log with our fields
+                share_context(assoc, getattr(assoc, "dul", None))
                 for index, item in enumerate(batch):
                     if stop.is_set():
                         rest = batch[index:]

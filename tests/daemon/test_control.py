@@ -394,7 +394,7 @@ def test_anonpipectl_exit_codes(sock_dir: Path, capsys: pytest.CaptureFixture[st
         assert capsys.readouterr().err == "anonpipectl: already paused\n"
 
     _serve(path, scenario, {"status": _status, "pause": pause})
-    assert ctl.main(["--socket", str(path), "status"]) == ctl.EXIT_FAILURE
+    assert ctl.main(["--socket", str(path), "status"]) == ctl.EXIT_UNREACHABLE
     assert "no control socket" in capsys.readouterr().err
 
 

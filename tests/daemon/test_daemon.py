@@ -89,9 +89,10 @@ _INTERRUPTIBLE = StudyPlan(
     approved=3,
     approved_with_protocol=1,
     series_per_study=2,
-    instances_per_series=40,
+    instances_per_series=120,  # a pull of ~1 s: long enough for a SIGTERM to land inside it
     size=(64, 64),
 )
+_PER_STUDY = _INTERRUPTIBLE.series_per_study * _INTERRUPTIBLE.instances_per_series
 
 
 def _kill_and_resume(
@@ -246,7 +247,7 @@ def test_sigterm_during_a_pull_aborts_the_move_then_resumes(
     run = _run_dir(site)
     assert run is not None
     landed = [_files(folder) for folder in (run / "from_staging").iterdir()]
-    assert any(n < 80 for n in landed), landed  # a move aborted, not let finish
+    assert any(n < _PER_STUDY for n in landed), landed  # a move aborted, not let finish
     assert not site.research.instances()
     _resume(site, short_dir)
     _assert_same_as_uninterrupted(site)

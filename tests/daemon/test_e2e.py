@@ -19,6 +19,7 @@ from anonpipe.anon.identity import IdentityStore, load_or_create_key
 from anonpipe.config import load_settings
 from anonpipe.daemon.rundir import RunDir
 from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site, write_config
+from tests.harness.logcheck import birth_dates_in, json_records, run_lines, unfollowable
 from tests.harness.orthanc import OrthancFactory
 from tests.harness.ports import LOOPBACK
 from tests.harness.postgres import PostgresServer
@@ -252,9 +253,12 @@ def test_reviews_written_during_a_run_neither_block_nor_get_lost(
     assert len(site.research.instances()) == site.expected_instances()
 
 
-def test_a_whole_run_at_debug_level_logs_no_identifier(
+def test_a_whole_run_at_debug_level_logs_no_identifier_and_every_line_names_its_run(
     site: Site, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    """At debug level, as JSON: no planted identifier (names, IDs, accession numbers, original
+    UIDs, birth dates) in any line; every line logged during the run, by any thread, names the
+    run; every line of a study's step names its review id and the step."""
     config = site.config_path.read_text().replace('level = "info"', 'level = "debug"')
     site.config_path.write_text(config)
     assert cli.main(["run-once", "-c", str(site.config_path)]) == 0
@@ -266,8 +270,34 @@ def test_a_whole_run_at_debug_level_logs_no_identifier(
     for manifest in site.manifests:
         leaked = manifest.find_planted(logged.encode(), uids=True)
         assert not leaked, f"{len(leaked)} planted identifiers or UIDs reached the log"
+        births = birth_dates_in(logged, {p.birth_date for p in manifest.patients})
+        assert not births, f"{len(births)} planted birth dates reached the log"
     for uid in site.missing_uids:
         assert uid not in logged
+
+    run = _only_run(site).name
+    review_ids = {site.review.find_study(uid).id for uid in site.approved_uids + site.missing_uids}
+    records = run_lines(json_records(logged), run)
+    assert len(records) > 100 and records[-1]["event"] == "run done"
+    problems = unfollowable(records, run, review_ids)
+    assert not problems, f"{len(problems)} lines cannot be followed: {problems[:5]}"
+    # The lines an operator follows a study by, each with its study and step.
+    for event, step in (
+        ("pull finished", "pull"),
+        ("push finished", "push"),
+        ("push verified", "verify"),
+        ("review_marked_published", "writeback"),
+    ):
+        lines = [r for r in records if r["event"] == event]
+        assert lines and all(r.get("step") == step for r in lines), (event, lines[:1])
+        assert {r["study"] for r in lines} <= review_ids
+    assert {r["study"] for r in records if r["event"] == "pull finished"} == {
+        site.review.find_study(uid).id for uid in site.approved_uids
+    }
+    # pynetdicom's own threads carry them too: the responses its DUL threads read (C-FIND and
+    # C-MOVE of the pull, C-FIND of the verification), the objects our SCP's threads received.
+    threaded = [r for r in records if r["logger"] == "pynetdicom.dsutils" and "study" in r]
+    assert {r["step"] for r in threaded} >= {"pull", "verify"}
 
 
 def test_varying_issuers_never_split_a_study_or_a_patient(

@@ -11,16 +11,25 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from anonpipe import cli
 from anonpipe.config import load_settings
+from anonpipe.ctl import format_status
+from anonpipe.daemon.commands import Commands
+from anonpipe.daemon.pipeline import PushProgress
 from anonpipe.daemon.rundir import RunDir
 from anonpipe.daemon.service import Service
 from anonpipe.daemon.state import RunRecord
-from anonpipe.daemon.states import RunState
+from anonpipe.daemon.states import RunState, StudyState
+from anonpipe.daemon.status import (
+    PeerStatus,
+    ServiceState,
+    StatusReport,
+    StudyStatus,
+    build_status,
+)
 from anonpipe.hooks import registry
 from tests.harness.dcmtk import StoreSCP
 from tests.harness.deployment import OUR_AE, Site, StudyPlan, build_site, write_config
@@ -70,7 +79,7 @@ def test_failed_run_resumes_with_restart_run(site: Site) -> None:
             failed = (await service.store.runs())[-1]
             assert service.pipeline is not None
             service.pipeline.hook = registry.get("default")  # the operator fixed the hook
-            message = await service._restart({})
+            message = await Commands(service).restart_run({})
             await service._cycle()
             done = (await service.store.runs())[-1]
             return failed.state + ": " + (failed.error or ""), done.state, message
@@ -144,28 +153,30 @@ def test_scheduler_waits_for_a_research_pacs_that_is_down(
     settings = load_settings(site.config_path, {})
     site.research.stop()
 
-    async def scenario() -> tuple[list[RunRecord], str, dict[str, Any], str]:
+    async def scenario() -> tuple[list[RunRecord], str, ServiceState, dict[str, PeerStatus], str]:
         service = Service(settings)
         await service.start(control=False)
         try:
             await service._cycle()
             await service._cycle()  # still down: waits again, says it once
             runs_while_down = list(await service.store.runs())
-            status = await service._status({})
-            peers = dict(status["peers"])  # the service replaces its entries at each echo
+            status = await build_status(service)
             site.research.start(same_ports=True)
             await service._cycle()
             final = (await service.store.runs())[-1]
-            return runs_while_down, status["state"], peers, final.state
+            return runs_while_down, status.state, status.service, status.peers, final.state
         finally:
             await service.stop()
 
-    runs, state, peers, final = asyncio.run(scenario())
+    runs, state, kind, peers, final = asyncio.run(scenario())
     assert runs == []
+    assert kind is ServiceState.WAITING
     assert state.startswith("waiting: research PACS RESEARCH@127.0.0.1:")
     assert "unreachable: no connection" in state
     assert state.endswith(f"(asking again every {settings.review.poll_interval:g} s)")
-    assert peers["research"]["ok"] is False and peers["staging"]["ok"] is True
+    assert peers["research"].ok is False and peers["staging"].ok is True
+    assert peers["research"].down_since is not None and peers["research"].next_check is not None
+    assert peers["staging"].down_since is None and peers["staging"].checked is not None
     assert final == "done"
     events = [json.loads(line)["event"] for line in log_output.getvalue().splitlines()]
     assert events.count("peer unreachable; no run started or resumed") == 1
@@ -185,12 +196,13 @@ def test_misroute_blocks_pulls_until_resume(site: Site, tmp_path: Path) -> None:
         try:
             site.staging.add_modality("anonpipe", OUR_AE, LOOPBACK, wrong.port)
             await service._cycle()
-            status = await service._status({})
-            blocked_state = status["state"]
+            status = await build_status(service)
+            blocked_state = status.state
+            assert status.service is ServiceState.BLOCKED and status.misroute
             await service._cycle()  # does nothing while blocked
             runs = await service.store.runs()
             site.staging.add_modality("anonpipe", OUR_AE, LOOPBACK, settings.local.port)
-            resumed = await service._resume({})
+            resumed = await Commands(service).resume({})
             await service.store.set_run_state(runs[-1].name, RunState.STOPPED)  # restart-run
             await service._cycle()
             final = (await service.store.runs())[-1]
@@ -231,3 +243,114 @@ def test_start_up_problems_stop_with_a_clear_message(
         code, err = _run_once(site, capsys)
     assert code == 1 and f"cannot listen on {LOOPBACK}:{port}" in err
     assert site.research.instances() == []
+
+
+def test_a_pause_survives_a_restart_until_resume(site: Site) -> None:
+    """``pause`` is kept in the state store: a restarted service starts paused, starts no run,
+    and says since when; ``resume`` clears it for good."""
+    settings = load_settings(site.config_path, {})
+
+    async def paused_then_restarted() -> tuple[str, str | None, bool, str, list[RunRecord]]:
+        first = Service(settings)
+        await first.start(control=False)
+        try:
+            said = await Commands(first).pause({})
+        finally:
+            await first.stop()
+        second = Service(settings)
+        await second.start(control=False)
+        try:
+            await second._cycle()  # paused: no run starts
+            status = await build_status(second)
+            runs = await second.store.runs()
+            resumed = await Commands(second).resume({})
+            return said, status.paused_since, status.paused, status.state + " " + resumed, runs
+        finally:
+            await second.stop()
+
+    said, since, paused, states, runs = asyncio.run(paused_then_restarted())
+    assert said.startswith("paused") and "kept until resume" in said
+    assert paused and since is not None and states == "paused resumed" and runs == []
+
+    async def after_resume() -> tuple[bool, str | None, str]:
+        third = Service(settings)
+        await third.start(control=False)
+        try:
+            await third._cycle()
+            status = await build_status(third)
+            return status.paused, status.paused_since, status.run.state if status.run else ""
+        finally:
+            await third.stop()
+
+    assert asyncio.run(after_resume()) == (False, None, "done")
+    assert len(site.research.instances()) == site.expected_instances()
+
+
+def test_status_shows_the_retries_and_last_abort_of_a_push(site: Site) -> None:
+    """Research aborts our stores: while a study is in its push, status says how many times
+    it was retried so far and why; once the study has failed, the reason says it and the
+    push's record is gone."""
+    site.research.stop()
+    site.research.extra_config = {"DicomAlwaysAllowStore": False}
+    site.research.start(same_ports=True)
+    settings = load_settings(site.config_path, {})
+
+    async def scenario() -> tuple[list[StudyStatus], StatusReport]:
+        service = Service(settings)
+        await service.start(control=False)
+        seen: list[StudyStatus] = []
+        try:
+            cycle = asyncio.create_task(service._cycle())
+            while not cycle.done():
+                report = await build_status(service)
+                seen += [s for s in report.studies if s.step is StudyState.PUSHING]
+                await asyncio.sleep(0.02)
+            await cycle
+            after = await build_status(service)
+            assert service.pipeline is not None and service.pipeline.pushing == {}
+            return seen, after
+        finally:
+            await service.stop()
+
+    seen, after = asyncio.run(scenario())
+    retried = [s for s in seen if s.retries >= 1]
+    assert retried, seen[-3:]
+    assert all("aborted by the peer" in (s.push_error or "") for s in retried)
+    assert max(s.retries for s in seen) == settings.research.retries  # every round counted
+    for study in after.studies:
+        if study.step is not StudyState.HELD:
+            assert study.step is StudyState.FAILED_REPORTED and study.retries == 0
+            assert study.reason and "aborted by the peer" in study.reason
+    text = format_status(StatusReport.from_json(json.loads(json.dumps(after.to_json()))))
+    assert "failed-reported" in text
+
+
+def test_the_push_line_of_status(site: Site) -> None:
+    """What ``anonpipectl status`` prints of a study in its push, from a real report."""
+    settings = load_settings(site.config_path, {})
+
+    async def scenario() -> str:
+        service = Service(settings)
+        await service.start(control=False)
+        try:
+            await service._cycle()
+            assert service.pipeline is not None
+            report = await build_status(service)
+            study = next(s for s in report.studies if s.step is StudyState.PUBLISHED)
+            assert study.verified == study.clean and study.cleaned_study_uid
+            # As the study was during its push, after a round failed and was retried.
+            progress = PushProgress()
+            progress.begin(1)
+            progress.failed("status 0xA700", retrying=True)
+            progress.stored_one()
+            service.pipeline.pushing[study.study] = progress
+            await service.store.update_study(
+                report.run.name if report.run else "", study.study, state=StudyState.PUSHING
+            )
+            return format_status(await build_status(service))
+        finally:
+            await service.stop()
+
+    text = asyncio.run(scenario())
+    assert "in their push:" in text
+    assert ", 1 retry, last refusal or abort: status 0xA700" in text
