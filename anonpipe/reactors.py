@@ -91,17 +91,30 @@ class _Wakeup:
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._written = False
+        #: Guards the pipe's fds: once closed, their numbers may belong to another file.
+        self._lock = threading.Lock()
+        self._closed = False
         self.reactor = threading.Event()
 
     def close(self) -> None:
-        for fd in (self._read, self._write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Close the pipe (idempotent). Called as soon as the DUL thread has ended, so an
+        association's fds do not wait for the cyclic garbage collector."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._read, self._write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def dul(self) -> None:
-        if not self._written:
+        if self._written:
+            return
+        with self._lock:
+            if self._closed:
+                return
             self._written = True
-            with contextlib.suppress(OSError):  # full (it is read soon) or closed (ended)
+            with contextlib.suppress(OSError):  # full: it is read soon
                 os.write(self._write, b"\0")
 
     def wait_dul(self, dul: Any) -> None:
@@ -118,9 +131,12 @@ class _Wakeup:
         except (OSError, ValueError):  # the socket closed under us: let pynetdicom see it
             return
         if self._read in ready:
-            with contextlib.suppress(OSError):
-                os.read(self._read, 4096)
-            self._written = False
+            with self._lock:
+                if self._closed:
+                    return
+                with contextlib.suppress(OSError):
+                    os.read(self._read, 4096)
+                self._written = False
 
     def wait_reactor(self, assoc: Any) -> None:
         if assoc.dul._kill_thread:
@@ -173,9 +189,21 @@ def install(assoc: Any) -> None:
     def stop_and_wake() -> bool:
         wake_both()
         stopped: bool = stop_dul()
+        if stopped:  # the DUL thread has ended: nothing reads or writes the pipe any more
+            wakeup.close()
         return stopped
 
     dul.stop_dul = stop_and_wake
+    # pynetdicom's kill() returns once the DUL thread has ended (it skips stop_dul when that
+    # thread ended by itself); every way an association ends goes through it.
+    kill = assoc.kill
+
+    def kill_and_close() -> None:
+        kill()
+        if not dul.is_alive():
+            wakeup.close()
+
+    assoc.kill = kill_and_close
     _WAITS[dul] = wakeup.wait_dul  # the thread is passed in: no reference to it is kept
     _WAITS[assoc] = wakeup.wait_reactor
 

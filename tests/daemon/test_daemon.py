@@ -84,7 +84,7 @@ def test_daemon_notifies_systemd_serves_control_and_stops_cleanly(
     assert not site.socket_path.exists()
 
 
-#: Four studies of 80 small objects: long enough to interrupt each step.
+#: Four studies of 240 small objects: long enough to interrupt each step.
 _INTERRUPTIBLE = StudyPlan(
     approved=3,
     approved_with_protocol=1,
@@ -225,7 +225,7 @@ def test_sigterm_during_the_push_stops_between_files_then_resumes(
     _terminate_at(site, short_dir, first_push, "the first study's push")
     # Stopped inside the first studies' pushes, not after them.
     assert _studies_in(site, "pushing") >= 1 and _studies_in(site, "published") == 0
-    assert len(site.research.instances()) < 80
+    assert len(site.research.instances()) < _PER_STUDY
     _resume(site, short_dir)
     _assert_same_as_uninterrupted(site)
 
@@ -321,7 +321,7 @@ def test_status_shows_the_pull_and_the_push_as_they_progress(
     pulling = [r for r in seen if r["step"] == "pulling"]
     pushing = [r for r in seen if r["step"] == "pushing"]
     assert any(0 < r["landed"] < r["expected"] for r in pulling), pulling[-5:]  # type: ignore[operator]
-    assert {r["expected"] for r in pulling if r["landed"]} <= {80, 81}
+    assert {r["expected"] for r in pulling if r["landed"]} <= {_PER_STUDY, _PER_STUDY + 1}
     assert any(0 < r["pushed"] < r["clean"] for r in pushing), pushing[-5:]  # type: ignore[operator]
 
 
