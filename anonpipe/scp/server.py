@@ -19,7 +19,7 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 
-from anonpipe import tls
+from anonpipe import commandset, tls
 from anonpipe.config import LocalSettings, Peer
 from anonpipe.dimse import VERIFICATION, configure_transfer, set_nodelay
 from anonpipe.logs import get_logger
@@ -59,6 +59,10 @@ class ScpStatus:
     landed: int
     refused: dict[str, int]
     rejected_associations: dict[str, int]
+    #: Bytes of the objects landed (as received, file meta included), since start.
+    bytes_received: int = 0
+    #: Associations accepted (allowed peers, a free slot), since start.
+    accepted_associations: int = 0
 
 
 class StorageSCP:
@@ -154,6 +158,7 @@ class StorageSCP:
             if self._server is not None:
                 return
             configure_transfer()
+            commandset.install()  # command sets encoded and decoded without pydicom
             # Process-wide, and only acceptors read it: our only acceptor is this SCP.
             _config.UNRESTRICTED_STORAGE_SERVICE = True
             self._prepare_spool()
@@ -214,6 +219,8 @@ class StorageSCP:
             landed=sum(self.lander.landed.snapshot().values()),
             refused=self.lander.refused.snapshot(),
             rejected_associations=self.rejections.snapshot(),
+            bytes_received=sum(self.lander.landed_bytes.snapshot().values()),
+            accepted_associations=self.guard.admitted,
         )
 
     def stop(self, drain_timeout: float = 30.0) -> int:

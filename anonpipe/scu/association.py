@@ -43,7 +43,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from anonpipe import reactors, tls
+from anonpipe import commandset, reactors, tls
 from anonpipe.config import LocalSettings
 from anonpipe.dimse import Endpoint, set_nodelay
 
@@ -139,6 +139,7 @@ def associate(
     """
     if len(contexts) > MAX_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts proposed; at most 128 allowed")
+    commandset.install()  # command sets encoded and decoded without pydicom (idempotent)
     ae = AE(ae_title=local.ae_title)
     ae.acse_timeout = local.acse_timeout
     ae.dimse_timeout = local.dimse_timeout
