@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +25,7 @@ from anonpipe.daemon.status import (
     StudyStatus,
 )
 from anonpipe.scp import ScpStatus
-
-BIN = Path(sys.executable).parent
+from tests.harness.shell import shell
 
 RUN = RunSummary(
     name="run_at_1764000000",
@@ -380,20 +376,6 @@ def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
     assert "--json" in capsys.readouterr().out
 
 
-def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """*command* in bash with pipefail (the pipeline fails if anonpipectl does)."""
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    return subprocess.run(
-        ["bash", "-o", "pipefail", "-c", command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=cwd,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("reader", ["head -1", "true", "head -c 10"])
 def test_a_closed_pipe_ends_quietly(
     daemon_socket: tuple[Path, list[dict[str, Any]]], tmp_path: Path, reader: str
@@ -402,10 +384,10 @@ def test_a_closed_pipe_ends_quietly(
     reads nothing (``true`` closes the pipe before anonpipectl writes: a sure EPIPE)."""
     path, _ = daemon_socket
     for command in ("status", "runs", "show run_at_1763990000", "status --json"):
-        done = _shell(f"anonpipectl --socket {path} {command} | {reader}", tmp_path)
+        done = shell(f"anonpipectl --socket {path} {command} | {reader}", tmp_path)
         assert done.returncode == 0, (command, done.stderr)
         assert done.stderr == "", command
-    done = _shell(f"anonpipectl --socket {path} status | {reader}", tmp_path)
+    done = shell(f"anonpipectl --socket {path} status | {reader}", tmp_path)
     if reader == "head -1":
         assert done.stdout == "state     running run_at_1764000000: pushing\n"
 
@@ -414,11 +396,11 @@ def test_a_closed_pipe_keeps_the_exit_code(
     daemon_socket: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     path, _ = daemon_socket
-    done = _shell(f"anonpipectl --socket {path} echo research | true", tmp_path)
+    done = shell(f"anonpipectl --socket {path} echo research | true", tmp_path)
     assert (done.returncode, done.stderr) == (ctl.EXIT_FAILURE, "")
-    done = _shell(f"anonpipectl --socket {tmp_path}/none.sock status | true", tmp_path)
+    done = shell(f"anonpipectl --socket {tmp_path}/none.sock status | true", tmp_path)
     assert done.returncode == ctl.EXIT_UNREACHABLE and "no control socket" in done.stderr
-    done = _shell("anonpipectl --help | head -1", tmp_path)
+    done = shell("anonpipectl --help | head -1", tmp_path)
     assert (done.returncode, done.stderr) == (0, "")
 
 
@@ -426,7 +408,7 @@ def test_check_config_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     config = tmp_path / "anonpipe.toml"
     config.write_text(f'[pipeline]\ndata_dir = "{tmp_path}/data"\n')
     for reader in ("head -1", "true"):
-        done = _shell(f"anonpipe check-config -c {config} | {reader}", tmp_path)
+        done = shell(f"anonpipe check-config -c {config} | {reader}", tmp_path)
         assert (done.returncode, done.stderr) == (0, ""), reader
-    done = _shell(f"anonpipe check-config -c {config} | head -1", tmp_path)
+    done = shell(f"anonpipe check-config -c {config} | head -1", tmp_path)
     assert done.stdout.startswith("# anonpipe configuration from")

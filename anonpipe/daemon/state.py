@@ -1,7 +1,9 @@
 """The state store: runs, their studies and files, and the step each is at (SQLite, WAL).
 
 This is the machine truth the daemon resumes from after a crash; the run directory's text files
-are the human audit trail. A transition is written here (committed) before the next step starts.
+are the human audit trail. A transition is written here (committed) before the next step starts,
+with its time in ``study_steps`` (one small row per state change, in the same commit): how long a
+study spent in each step is read from there.
 It holds original Study Instance UIDs and accession numbers, so the file is created 0600 and lives
 beside the data folder, never inside a run directory.
 """
@@ -17,9 +19,18 @@ from typing import Any
 
 import aiosqlite
 
-from anonpipe.daemon.states import Failure, RunState, StudyState
+from anonpipe.daemon.states import Failure, RunState, StepMark, StudyState
 
-__all__ = ["PAUSED", "Deferred", "FileRecord", "Flag", "RunRecord", "StateStore", "StudyRecord"]
+__all__ = [
+    "PAUSED",
+    "Deferred",
+    "FileRecord",
+    "Flag",
+    "RunRecord",
+    "StateStore",
+    "StudyRecord",
+    "StudyStep",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -77,6 +88,13 @@ CREATE TABLE IF NOT EXISTS flags (
     value TEXT NOT NULL,
     since TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS study_steps (
+    run TEXT NOT NULL,
+    review_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS study_steps_by_study ON study_steps (run, review_id);
 """
 
 #: Columns added after the first release: (table, column, definition), added to older files.
@@ -85,6 +103,7 @@ _ADDED_COLUMNS = (
     ("studies", "notes", "TEXT"),
     ("studies", "failure", "TEXT"),
     ("files", "transfer_syntax", "TEXT"),
+    ("files", "size", "INTEGER"),
 )
 
 #: The failure kind of a failed study recorded before ``studies.failure`` existed, from the
@@ -105,6 +124,11 @@ PAUSED = "paused"
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _stamp() -> str:
+    """A step's time: to the millisecond (a study's steps may take less than a second)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +195,8 @@ class FileRecord:
     pushed: bool = False
     #: The clean output's transfer syntax: with the SOP class and instance, all a C-STORE needs.
     transfer_syntax: str | None = None
+    #: The clean output's size in bytes (None for other outcomes, and in older records).
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +208,17 @@ class Deferred:
     failures: int
     next_try: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StudyStep:
+    """When a study of a run entered a state (a :class:`StudyState` value) or passed a
+    :class:`StepMark` (its ``value``), UTC, ISO 8601 to the millisecond: a row of
+    ``study_steps``. A state written again (a resumed step) has a row each time."""
+
+    review_id: int
+    state: str
+    at: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +335,8 @@ class StateStore:
         self, run: str, rows: Iterable[tuple[int, str, str, bool, StudyState, str | None]]
     ) -> None:
         """Insert (review_id, original uid, accession, protocol flag, state, reason) rows."""
-        now = _now()
+        now, at = _now(), _stamp()
+        rows = list(rows)
         await self.db.executemany(
             "INSERT INTO studies (run, review_id, original_study_uid, accession_no, "
             "has_protocol_series, state, reason, updated) VALUES (?,?,?,?,?,?,?,?)",
@@ -307,10 +345,15 @@ class StateStore:
                 for rid, uid, acc, proto, state, reason in rows
             ],
         )
+        await self.db.executemany(
+            "INSERT INTO study_steps (run, review_id, state, at) VALUES (?,?,?,?)",
+            [(run, rid, state, at) for rid, _uid, _acc, _proto, state, _reason in rows],
+        )
         await self.db.commit()
 
     async def update_study(self, run: str, review_id: int, **columns: Any) -> None:
-        """Set *columns* of one study (``failure`` takes a :class:`Failure` or None)."""
+        """Set *columns* of one study (``failure`` takes a :class:`Failure` or None); a
+        ``state`` is also recorded with its time in ``study_steps``, in the same commit."""
         if "failure" in columns:
             failure = columns["failure"]
             columns["failure"] = failure.name if failure is not None else None
@@ -331,10 +374,34 @@ class StateStore:
         if unknown:
             raise ValueError(f"unknown study columns {sorted(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in columns)
-        await self._write(
+        await self.db.execute(
             f"UPDATE studies SET {assignments}, updated = ? WHERE run = ? AND review_id = ?",
             (*columns.values(), _now(), run, review_id),
         )
+        if "state" in columns:
+            await self.db.execute(
+                "INSERT INTO study_steps (run, review_id, state, at) VALUES (?,?,?,?)",
+                (run, review_id, columns["state"], _stamp()),
+            )
+        await self.db.commit()
+
+    async def mark_step(self, run: str, review_id: int, mark: StepMark) -> None:
+        """Record that a study passed *mark* now. Not committed here: it goes with the study's
+        next write (its files, its state), so a mark costs no sync of its own; one lost to a
+        crash only leaves that part of the step untimed."""
+        await self.db.execute(
+            "INSERT INTO study_steps (run, review_id, state, at) VALUES (?,?,?,?)",
+            (run, review_id, mark.value, _stamp()),
+        )
+
+    async def study_steps(self, run: str) -> list[StudyStep]:
+        """Every state change and mark of the studies of *run*, in the order they were written
+        (empty for a run recorded before ``study_steps`` existed)."""
+        async with self.db.execute(
+            "SELECT review_id, state, at FROM study_steps WHERE run = ? ORDER BY rowid", (run,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [StudyStep(r["review_id"], r["state"], r["at"]) for r in rows]
 
     async def studies(self, run: str) -> list[StudyRecord]:
         async with self.db.execute(
@@ -357,7 +424,7 @@ class StateStore:
         await self.db.executemany(
             "INSERT OR REPLACE INTO files (run, review_id, name, status, output, reason, "
             "cleaned_study_uid, sop_instance_uid, modality, sop_class, series_uid, pushed, "
-            "transfer_syntax) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "transfer_syntax, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     run,
@@ -373,6 +440,7 @@ class StateStore:
                     r.series_uid,
                     int(r.pushed),
                     r.transfer_syntax,
+                    r.size,
                 )
                 for r in records
             ],
@@ -499,4 +567,5 @@ def _file(row: Any) -> FileRecord:
         row["series_uid"],
         bool(row["pushed"]),
         row["transfer_syntax"],
+        row["size"],
     )

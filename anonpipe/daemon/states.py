@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum, StrEnum
 
-__all__ = ["RUN_PHASES", "Failure", "RunState", "StudyState"]
+__all__ = ["RUN_PHASES", "Failure", "RunState", "StepMark", "StudyState"]
 
 
 class RunState(StrEnum):
@@ -80,6 +80,17 @@ class StudyState(StrEnum):
     def to_push(self) -> bool:
         """De-identified (and hooked) but not yet in the research PACS for good."""
         return self in (StudyState.DEIDENTIFIED, StudyState.HOOKED, StudyState.PUSHING)
+
+
+class StepMark(StrEnum):
+    """A moment inside one study state that the state store records beside the state changes
+    (table ``study_steps``), so that the parts of a step can be timed apart. Not a state: a
+    study is never *in* a mark."""
+
+    #: Its C-MOVE ended (``pulling``): from here the files that landed are de-identified.
+    MOVED = "moved"
+    #: Its push ended (``pushing``): from here the research PACS is asked what it holds.
+    VERIFYING = "verifying"
 
 
 _RANK = {

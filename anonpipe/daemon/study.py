@@ -15,6 +15,7 @@ it hands work to and in the de-identification workers too (:mod:`anonpipe.logs`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ from anonpipe.daemon.pipeline import (
 )
 from anonpipe.daemon.rundir import post_anon_output
 from anonpipe.daemon.state import FileRecord, StudyRecord
-from anonpipe.daemon.states import Failure, StudyState
+from anonpipe.daemon.states import Failure, StepMark, StudyState
 from anonpipe.daemon.workers import Task
 from anonpipe.durable import sync_folder, sync_tree
 from anonpipe.hooks import HookStudy, StudyHook, run_study_hook
@@ -152,6 +153,7 @@ async def _pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyReco
         rdir.append("pull_output.txt", audit.pull_waiting(study.review_id, result.detail))
         raise PeerOutage("staging", result.detail)
     enter_step(Step.DEIDENTIFY)
+    await p.store.mark_step(ctx.run.name, study.review_id, StepMark.MOVED)
     for path in sorted(landing_dir.iterdir()):
         submit(path)
     outcomes = await workers.outcomes(dict(submitted))  # late arrival callbacks add nothing new
@@ -164,8 +166,8 @@ async def _pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyReco
             " resumes where it stopped"
         )
     # The one sync that makes the study's landed objects and its outputs durable.
-    await asyncio.to_thread(_sync_study, landing_dir, outcomes, rdir.quarantine)
-    records = [_record(study.review_id, o) for o in outcomes]
+    sizes = await asyncio.to_thread(_sync_study, landing_dir, outcomes, rdir.quarantine)
+    records = [_record(study.review_id, o, sizes) for o in outcomes]
     await p.store.add_files(ctx.run.name, records)
     _write_anonymize_lines(ctx, study, records, outcomes)
     pulled = audit.PulledStudy(
@@ -202,16 +204,23 @@ async def _pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyReco
     return await _set(ctx, study, StudyState.DEIDENTIFIED, reason=None, **counts)
 
 
-def _sync_study(landing_dir: Path, outcomes: list[Outcome], quarantine: Path) -> None:
+def _sync_study(landing_dir: Path, outcomes: list[Outcome], quarantine: Path) -> dict[Path, int]:
     """fsync what the study landed and wrote (its landing folder, its output tree, the
     quarantine folder) and nothing else: ``syncfs`` would wait for the other studies in flight
-    too (bench/RESULTS.md, network throughput, issue 12)."""
+    too (bench/RESULTS.md, network throughput, issue 12). Returns the clean outputs' sizes (what
+    their push sends, counted once it is in the research PACS)."""
+    sizes: dict[Path, int] = {}
+    for o in outcomes:
+        if o.status == "clean" and o.output:
+            with contextlib.suppress(OSError):
+                sizes[o.output] = o.output.stat().st_size
     sync_folder(landing_dir)
     studies = {o.output.parent.parent for o in outcomes if o.status == "clean" and o.output}
     for tree in sorted(studies):
         sync_tree(tree)
     if any(o.status == "quarantined" for o in outcomes):
         sync_folder(quarantine)
+    return sizes
 
 
 def _write_anonymize_lines(
@@ -242,7 +251,7 @@ def _write_anonymize_lines(
     ctx.append_new("anonymize_output.txt", summary, earlier)
 
 
-def _record(review_id: int, outcome: Outcome) -> FileRecord:
+def _record(review_id: int, outcome: Outcome, sizes: dict[Path, int]) -> FileRecord:
     clean = outcome.status == "clean"
     return FileRecord(
         review_id=review_id,
@@ -256,6 +265,7 @@ def _record(review_id: int, outcome: Outcome) -> FileRecord:
         sop_class=outcome.sop_class_uid,
         series_uid=outcome.series_uid if clean else None,
         transfer_syntax=outcome.transfer_syntax_uid if clean else None,
+        size=sizes.get(outcome.output) if clean and outcome.output else None,
     )
 
 
@@ -365,6 +375,7 @@ async def _push_and_verify(ctx: RunContext, study: StudyRecord, uid: str) -> Stu
     if not any(line.startswith(f"{finished.prefix} (") for line in lines):
         ctx.append_new("push_output.txt", finished.line(), lines)
     enter_step(Step.VERIFY)
+    await p.store.mark_step(ctx.run.name, study.review_id, StepMark.VERIFYING)
     (check,) = await asyncio.to_thread(
         verify_studies, settings.local, settings.research, {uid: len(files)}
     )

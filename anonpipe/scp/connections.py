@@ -114,6 +114,7 @@ class ConnectionGuard:
         #: connections without an association yet: id -> (host, association)
         self._waiting: dict[int, tuple[str, Any]] = {}
         self._accepted: dict[int, Any] = {}
+        self._admitted = 0
 
     # -- EVT_CONN_OPEN ------------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class ConnectionGuard:
             admitted = len(self._accepted) < self.max_associations
             if admitted:
                 self._accepted[key] = assoc
+                self._admitted += 1
         for gone in dead:  # outside the lock: closing triggers on_close
             with contextlib.suppress(Exception):
                 gone.dul.socket.close()
@@ -231,6 +233,12 @@ class ConnectionGuard:
     def _refuse(self, reason: str, host: str, **detail: str) -> None:
         log.warning("connection closed", reason=reason, peer_address=host, **detail)
         self._on_refusal(reason)
+
+    @property
+    def admitted(self) -> int:
+        """Associations admitted since start (allowed peers that found a free slot)."""
+        with self._lock:
+            return self._admitted
 
     @property
     def accepted(self) -> int:

@@ -83,6 +83,8 @@ class Lander:
         self.registry = registry
         self.min_free_bytes = min_free_bytes
         self.landed = Tally()
+        #: Bytes of the objects landed (files as received, file meta included), by calling AE.
+        self.landed_bytes = Tally()
         self.refused = Tally()
 
     def land(self, request: StoreRequest) -> Arrival:
@@ -132,6 +134,7 @@ class Lander:
                 raise Refused(Status.OUT_OF_RESOURCES, reason) from exc
             raise
         self.landed.add(request.calling_ae)
+        self.landed_bytes.add(request.calling_ae, arrival.size)
         landing.record(arrival, request.association_id)
         return arrival
 

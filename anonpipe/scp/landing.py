@@ -137,9 +137,9 @@ class Tally:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str, count: int = 1) -> None:
         with self._lock:
-            self._counts[reason] += 1
+            self._counts[reason] += count
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -1,16 +1,18 @@
 """What the pages and ``/metrics`` say about past runs, read from the state store's query methods.
 
 A :class:`RunTally` sums one run: its studies by state and failure kind, its files by outcome and
-quarantine reason, its duration and files per second. It is made from the store's ``studies()``
-and ``files()`` (:class:`~anonpipe.daemon.state.StateStore`, the machine truth) and holds counts
-and anonpipe's own wording only, never a row: the file names in the store are the original SOP
-Instance UIDs, so they never reach a page or a label. :class:`History` keeps the tallies of
-finished runs (done or failed: only ``restart-run`` changes them, and that changes the run's
-state, which is part of the key), so a scrape or a page reads each finished run's rows once, and
-the run in progress at every request.
+quarantine reason, the bytes it pushed, its duration and files per second, and how long each of
+its studies spent in each step (:class:`StudyTimes`). It is made from the store's ``studies()``,
+``files()`` and ``study_steps()`` (:class:`~anonpipe.daemon.state.StateStore`, the machine
+truth) and holds counts, times and anonpipe's own wording only, never a row: the file names in
+the store are the original SOP Instance UIDs, so they never reach a page or a label.
+:class:`History` keeps the tallies of finished runs (done or failed: only ``restart-run`` changes
+them, and that changes the run's state, which is part of the key), so a scrape or a page reads
+each finished run's rows once, and the run in progress at every request.
 
-The state store has no time for a study's steps (only its run's start and end): study, pull,
-de-identification and push durations cannot be told from it (see README, "Metrics").
+A study's step times come from the state store's ``study_steps`` (a row each time a study's state
+is written, and two marks inside steps, :class:`~anonpipe.daemon.states.StepMark`): runs recorded
+before that table existed have none.
 """
 
 from __future__ import annotations
@@ -18,27 +20,71 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from anonpipe.daemon.state import FileRecord, RunRecord, StateStore, StudyRecord
-from anonpipe.daemon.states import RunState, StudyState
+from anonpipe.daemon.pipeline import Step
+from anonpipe.daemon.state import FileRecord, RunRecord, StateStore, StudyRecord, StudyStep
+from anonpipe.daemon.states import RunState, StepMark, StudyState
 
 __all__ = [
     "FILE_OUTCOMES",
+    "STUDY_STEPS",
     "History",
     "QuarantinedFile",
     "RunTally",
+    "StudyTimes",
     "element_of",
     "parse_time",
     "quarantined_files",
+    "study_times",
     "tally_run",
 ]
 
 #: File outcomes counted (a file's ``status`` in the store; ``pushed`` is a flag of clean ones).
 FILE_OUTCOMES: tuple[str, ...] = ("clean", "duplicate", "quarantined", "error", "pushed")
+
+#: A study's timed steps, in order (the ``step`` label of the study step histogram):
+#: pull (its C-MOVE, files de-identified as they land), deidentify (the files still to do once
+#: the C-MOVE ended), hook (the per-study hook), push (C-STOREs; a resumed push from its last
+#: start), verify (the C-FIND that the research PACS holds them all), writeback (the review DB).
+STUDY_STEPS: tuple[Step, ...] = (
+    Step.PULL,
+    Step.DEIDENTIFY,
+    Step.HOOK,
+    Step.PUSH,
+    Step.VERIFY,
+    Step.WRITEBACK,
+)
+
+#: Which steps a state change (or mark) ends, and which it begins. A step is timed from its
+#: last beginning (a resumed pull or push: the attempt that finished) to its end. Practised
+#: studies time no hook: a per-run hook's studies go from deidentified to practiced without one.
+_ENDS: dict[str, tuple[Step, ...]] = {
+    StepMark.MOVED: (Step.PULL,),
+    StudyState.DEIDENTIFIED: (Step.DEIDENTIFY,),
+    StudyState.HOOKED: (Step.HOOK,),
+    StepMark.VERIFYING: (Step.PUSH,),
+    StudyState.VERIFIED: (Step.VERIFY,),
+    StudyState.FAILED: (Step.PULL, Step.DEIDENTIFY, Step.PUSH, Step.VERIFY),
+    StudyState.PUBLISHED: (Step.WRITEBACK,),
+    StudyState.FAILED_REPORTED: (Step.WRITEBACK,),
+}
+_BEGINS: dict[str, Step] = {
+    StudyState.PULLING: Step.PULL,
+    StepMark.MOVED: Step.DEIDENTIFY,
+    StudyState.DEIDENTIFIED: Step.HOOK,
+    StudyState.PUSHING: Step.PUSH,
+    StepMark.VERIFYING: Step.VERIFY,
+    StudyState.VERIFIED: Step.WRITEBACK,
+    StudyState.FAILED: Step.WRITEBACK,
+}
+#: States after which nothing more happens to a study in its run.
+_FINAL = frozenset(
+    {StudyState.PUBLISHED, StudyState.FAILED_REPORTED, StudyState.PRACTICED, StudyState.FAILED}
+)
 
 #: An element's tag path as the engine writes it: ``(0008,1030)`` or ``(0040,0275)[0](0010,0010)``
 #: (ElementError paths may put dots between levels).
@@ -56,6 +102,57 @@ def parse_time(text: str | None) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StudyTimes:
+    """How long one study of a run spent in each step it finished (seconds, by
+    :data:`STUDY_STEPS` member), and in all: from its first pull to its last state, once it
+    is at its end (None before)."""
+
+    study: int
+    steps: Mapping[Step, float]
+    total: float | None = None
+
+
+def study_times(
+    rows: Iterable[StudyStep], states: Mapping[int, StudyState], *, ended: bool = False
+) -> tuple[StudyTimes, ...]:
+    """Each study's step times from its ``study_steps`` *rows* (in the order written).
+
+    *states* are the studies' present states: a study's total is known once that is final
+    (published, failed, practised) or, with *ended* (its run is done: a run without push ends
+    its studies de-identified or hooked), whatever it is. Held studies, and studies without
+    rows, have no times.
+    """
+    by_study: dict[int, list[tuple[str, datetime]]] = {}
+    for row in rows:
+        moment = parse_time(row.at)
+        if moment is not None:
+            by_study.setdefault(row.review_id, []).append((row.state, moment))
+    times: list[StudyTimes] = []
+    for study, changes in sorted(by_study.items()):
+        begun: dict[Step, datetime] = {}
+        steps: dict[Step, float] = {}
+        first: datetime | None = None
+        for state, moment in changes:
+            if state == StudyState.PULLING and first is None:
+                first = moment
+            for step in _ENDS.get(state, ()):
+                start = begun.pop(step, None)
+                if start is not None:
+                    steps[step] = max((moment - start).total_seconds(), 0.0)
+            begins = _BEGINS.get(state)
+            if begins is not None:
+                begun[begins] = moment
+        if first is None:  # held, or never pulled
+            continue
+        present = states.get(study)
+        total = None
+        if present in _FINAL or (ended and present is not None):
+            total = max((changes[-1][1] - first).total_seconds(), 0.0)
+        times.append(StudyTimes(study, steps, total))
+    return tuple(times)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +175,12 @@ class RunTally:
     quarantine: Counter[str] = field(default_factory=Counter)
     #: Review ids of the studies held in this run.
     held: tuple[int, ...] = ()
+    #: When each held study was held in this run (from ``study_steps``; absent in older runs).
+    held_since: Mapping[int, datetime] = field(default_factory=dict)
+    #: Bytes of the clean files in the research PACS (files recorded with their size).
+    bytes_pushed: int = 0
+    #: Each pulled study's step times, by review id.
+    study_times: tuple[StudyTimes, ...] = ()
 
     @property
     def handled(self) -> int:
@@ -91,6 +194,11 @@ class RunTally:
         end = self.finished or (now if now is not None else datetime.now(UTC))
         return max((end - self.started).total_seconds(), 0.0)
 
+    def mean_step(self, step: Step) -> float | None:
+        """Mean seconds the run's studies spent in *step* (None when none was timed)."""
+        values = [t.steps[step] for t in self.study_times if step in t.steps]
+        return sum(values) / len(values) if values else None
+
     def files_per_second(self, now: datetime | None = None) -> float | None:
         """Handled files per second of the run's duration (None before any file or time)."""
         seconds = self.duration(now)
@@ -100,7 +208,10 @@ class RunTally:
 
 
 def tally_run(
-    run: RunRecord, studies: Iterable[StudyRecord], files: Iterable[FileRecord]
+    run: RunRecord,
+    studies: Iterable[StudyRecord],
+    files: Iterable[FileRecord],
+    steps: Iterable[StudyStep] = (),
 ) -> RunTally:
     """Sum one run's rows (see :class:`RunTally`)."""
     tally = RunTally(
@@ -113,35 +224,34 @@ def tally_run(
         error=run.error,
     )
     held: list[int] = []
+    states: dict[int, StudyState] = {}
     for study in studies:
+        states[study.review_id] = study.state
         tally.studies[study.state] += 1
         if study.failure is not None:
             tally.failures[study.failure.name] += 1
         if study.state is StudyState.HELD:
             held.append(study.review_id)
+    pushed_bytes = 0
     for record in files:
         tally.files[record.status] += 1
         if record.pushed:
             tally.files["pushed"] += 1
+            pushed_bytes += record.size or 0
         if record.status == "quarantined":
             tally.quarantine[record.reason or "unknown"] += 1
-    return _with_held(tally, tuple(held))
-
-
-def _with_held(tally: RunTally, held: tuple[int, ...]) -> RunTally:
-    return RunTally(
-        tally.name,
-        tally.state,
-        tally.practice,
-        tally.no_push,
-        tally.started,
-        tally.finished,
-        tally.error,
-        tally.studies,
-        tally.failures,
-        tally.files,
-        tally.quarantine,
-        held,
+    steps = list(steps)
+    held_since = {
+        row.review_id: moment
+        for row in reversed(steps)  # the first row wins
+        if row.state == StudyState.HELD and (moment := parse_time(row.at)) is not None
+    }
+    return replace(
+        tally,
+        held=tuple(held),
+        held_since=held_since,
+        bytes_pushed=pushed_bytes,
+        study_times=study_times(steps, states, ended=run.state is RunState.DONE),
     )
 
 
@@ -158,7 +268,12 @@ class History:
         kept = self._kept.get(run.name)
         if kept is not None and kept[0] == key:
             return kept[1]
-        tally = tally_run(run, await self.store.studies(run.name), await self.store.files(run.name))
+        tally = tally_run(
+            run,
+            await self.store.studies(run.name),
+            await self.store.files(run.name),
+            await self.store.study_steps(run.name),
+        )
         if run.state.finished:
             self._kept[run.name] = (key, tally)
         else:

@@ -10,11 +10,13 @@ survive restarts), the SCP's are its counters since start (they reset with the p
 Prometheus counters may).
 
 Labels are anonpipe's own words (states, failure kinds, quarantine reasons, refusal reasons,
-``staging``/``research``) and review ids; never an original identifier or UID.
+steps, ``staging``/``research``) and review ids; never an original identifier or UID.
 
-Not exported, because nothing records them: the time a study spends in its pull, its
-de-identification and its push (the store keeps no per-step time), bytes moved (the SCP and the
-push count objects, not bytes), and associations accepted (the SCP counts only refusals).
+The study histograms are built from each run's step times
+(:class:`~anonpipe.web.history.StudyTimes`, the state store's ``study_steps``), so they too
+survive restarts; a study is in a step's
+histogram once it finished that step. Bytes pushed are the store's (the sizes of the clean files
+in the research PACS); bytes received and associations accepted are the SCP's, since start.
 """
 
 from __future__ import annotations
@@ -37,12 +39,34 @@ from prometheus_client.registry import CollectorRegistry
 from anonpipe import __version__
 from anonpipe.daemon.states import Failure, RunState, StudyState
 from anonpipe.daemon.status import ServiceState, StatusReport
-from anonpipe.web.history import FILE_OUTCOMES, RunTally
+from anonpipe.web.history import FILE_OUTCOMES, STUDY_STEPS, RunTally
 
-__all__ = ["RUN_DURATION_BUCKETS", "AnonpipeCollector", "Snapshot", "make_registry"]
+__all__ = [
+    "RUN_DURATION_BUCKETS",
+    "STUDY_DURATION_BUCKETS",
+    "AnonpipeCollector",
+    "Snapshot",
+    "make_registry",
+]
 
 #: Upper bounds (seconds) of the run duration histogram: 1 minute to a day.
 RUN_DURATION_BUCKETS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
+#: Upper bounds (seconds) of the study and study step histograms: a second to a day.
+STUDY_DURATION_BUCKETS: tuple[float, ...] = (
+    1,
+    5,
+    15,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    7200,
+    21600,
+    86400,
+)
 
 Metric = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily | InfoMetricFamily
 
@@ -69,6 +93,18 @@ def free_bytes(data_dir: Path) -> int | None:
 
 def _seconds(moment: datetime | None) -> float:
     return moment.timestamp() if moment is not None else 0.0
+
+
+def _histogram(
+    family: HistogramMetricFamily,
+    labels: Sequence[str],
+    values: Sequence[float],
+    bounds: Sequence[float],
+) -> None:
+    """Add one histogram of *values* (cumulative buckets at *bounds*, then +Inf) to *family*."""
+    buckets = [(str(float(b)), float(sum(1 for v in values if v <= b))) for b in bounds]
+    buckets.append(("+Inf", float(len(values))))
+    family.add_metric(list(labels), buckets, sum_value=sum(values))
 
 
 class AnonpipeCollector:
@@ -185,6 +221,12 @@ class AnonpipeCollector:
         for outcome in FILE_OUTCOMES:
             counter.add_metric([outcome], files[outcome])
         yield counter
+        yield CounterMetricFamily(
+            "anonpipe_bytes_pushed",
+            "Bytes of the clean files of every run that are in the research PACS (files "
+            "recorded by versions before this count was kept add nothing)",
+            value=sum(run.bytes_pushed for run in runs),
+        )
         counter = CounterMetricFamily(
             "anonpipe_quarantined_files",
             "Quarantined files of every run, by reason",
@@ -198,16 +240,31 @@ class AnonpipeCollector:
     def _times(self, runs: Sequence[RunTally], latest: RunTally | None) -> Iterator[Metric]:
         finished = [r for r in runs if r.state.finished and r.finished is not None]
         durations = [d for r in finished if (d := r.duration()) is not None]
-        buckets = [
-            (str(float(bound)), float(sum(1 for d in durations if d <= bound)))
-            for bound in RUN_DURATION_BUCKETS
-        ]
-        buckets.append(("+Inf", float(len(durations))))
         histogram = HistogramMetricFamily(
             "anonpipe_run_duration_seconds",
             "Finished runs (done or failed) by duration, start to end",
         )
-        histogram.add_metric([], buckets, sum_value=sum(durations))
+        _histogram(histogram, [], durations, RUN_DURATION_BUCKETS)
+        yield histogram
+        times = [t for r in runs for t in r.study_times]
+        histogram = HistogramMetricFamily(
+            "anonpipe_study_step_duration_seconds",
+            "Time studies spent in each step they finished: pull (C-MOVE, de-identifying as "
+            "files land), deidentify (the files left when the C-MOVE ended), hook, push, "
+            "verify, writeback",
+            labels=["step"],
+        )
+        for step in STUDY_STEPS:
+            values = [t.steps[step] for t in times if step in t.steps]
+            _histogram(histogram, [step.value], values, STUDY_DURATION_BUCKETS)
+        yield histogram
+        histogram = HistogramMetricFamily(
+            "anonpipe_study_duration_seconds",
+            "Studies at their end (published, failed, practised; or de-identified in a run "
+            "without push) by time from their pull's start to their last state",
+        )
+        totals = [t.total for t in times if t.total is not None]
+        _histogram(histogram, [], totals, STUDY_DURATION_BUCKETS)
         yield histogram
         done = [r for r in finished if r.state is RunState.DONE]
         yield GaugeMetricFamily(
@@ -224,13 +281,15 @@ class AnonpipeCollector:
             )
         held = GaugeMetricFamily(
             "anonpipe_held_study_since_timestamp_seconds",
-            "Each study held in the newest run (its reviews conflict), by review id: the start "
-            "of the first run that held it (Unix time)",
+            "Each study held in the newest run (its reviews conflict), by review id: when the "
+            "first run that held it held it (Unix time; that run's start for runs recorded "
+            "before study steps were)",
             labels=["study"],
         )
         for study in latest.held if latest else ():
-            first = next((r.started for r in runs if study in r.held), None)
-            held.add_metric([str(study)], _seconds(first))
+            first = next((r for r in runs if study in r.held), None)
+            since = first.held_since.get(study, first.started) if first is not None else None
+            held.add_metric([str(study)], _seconds(since))
         yield held
         yield GaugeMetricFamily(
             "anonpipe_held_studies",
@@ -259,6 +318,17 @@ class AnonpipeCollector:
             "anonpipe_scp_objects_landed",
             "Objects our Storage SCP received and kept, since the service started",
             value=scp.landed,
+        )
+        yield CounterMetricFamily(
+            "anonpipe_scp_bytes_received",
+            "Bytes of the objects our Storage SCP received and kept (as received, file meta "
+            "included), since the service started",
+            value=scp.bytes_received,
+        )
+        yield CounterMetricFamily(
+            "anonpipe_scp_associations_accepted",
+            "Associations our Storage SCP accepted (allowed peers, a free slot), since start",
+            value=scp.accepted_associations,
         )
         counter = CounterMetricFamily(
             "anonpipe_scp_associations_rejected",

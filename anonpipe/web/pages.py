@@ -17,7 +17,7 @@ from urllib.parse import quote
 from anonpipe.daemon.states import StudyState
 from anonpipe.daemon.status import RunDetail, StatusReport, StudyStatus
 from anonpipe.web import svg
-from anonpipe.web.history import QuarantinedFile, RunTally
+from anonpipe.web.history import STUDY_STEPS, QuarantinedFile, RunTally, StudyTimes
 from anonpipe.web.layout import (
     definition_list,
     document,
@@ -95,6 +95,24 @@ def _studies_table(studies: Sequence[StudyStatus]) -> Markup:
         "cleaned Study Instance UID",
     )
     return table(headers, rows, numeric=(0, 2, 3, 4, 5, 6, 7, 8, 9))
+
+
+def _size(count: int) -> str:
+    """Bytes as ``512 B``, ``1.5 MB``, ``2.25 GB`` (powers of 1000), with the exact count."""
+    value, unit = float(count), "B"
+    for bigger in ("kB", "MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    shown = f"{count} B" if unit == "B" else f"{value:.3g} {unit}"
+    return shown if unit == "B" else f"{shown} ({count} bytes)"
+
+
+def _step_time(seconds: float | None) -> str:
+    """A step's time: tenths of a second under ten seconds (steps are often that short)."""
+    if seconds is not None and seconds < 10:
+        return f"{seconds:.1f} s"
+    return duration(seconds)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -183,7 +201,9 @@ def now_page(status: StatusReport) -> Markup:
                     ("active associations", scp.active_associations),
                     ("studies expected", scp.expected_studies),
                     ("objects landed", scp.landed),
+                    ("bytes received", _size(scp.bytes_received)),
                     ("objects refused", _counts(scp.refused)),
+                    ("associations accepted", scp.accepted_associations),
                     ("associations refused", _counts(scp.rejected_associations)),
                 ]
             )
@@ -243,10 +263,20 @@ def _charts(tallies: Sequence[RunTally]) -> Markup:
                 [(d / 60 if (d := t.duration()) is not None else None) for t in shown],
                 "min",
             ),
+            tag("figcaption", "Run durations, start to end"),
+        ),
+        tag(
+            "figure",
+            svg.stacked_bars(
+                "Study durations by step",
+                labels,
+                {step.value: [t.mean_step(step) or 0.0 for t in shown] for step in STUDY_STEPS},
+                "s",
+            ),
             tag(
                 "figcaption",
-                "Run durations, start to end (study durations are not recorded: the state store "
-                "keeps no time per study step)",
+                "Study durations: the mean time a study of the run spent in each step (runs "
+                "recorded before step times were kept show none)",
             ),
         ),
         tag(
@@ -332,6 +362,7 @@ def run_page(detail: RunDetail, tally: RunTally) -> Markup:
             ("files", tally.handled),
             ("files per second", rate(tally.files_per_second())),
             ("pushed", tally.files["pushed"]),
+            ("bytes pushed", _size(tally.bytes_pushed)),
             (
                 "quarantined",
                 tag(
@@ -349,6 +380,8 @@ def run_page(detail: RunDetail, tally: RunTally) -> Markup:
     body += [
         tag("h2", "Studies"),
         _studies_table(detail.studies),
+        tag("h2", "Study step times"),
+        _times_table(tally.study_times),
         tag("h2", "overview.txt"),
         tag("pre", "\n".join(detail.overview))
         if detail.overview
@@ -357,6 +390,20 @@ def run_page(detail: RunDetail, tally: RunTally) -> Markup:
         table(("reason", "files"), sorted(tally.quarantine.items()), numeric=(1,)),
     ]
     return document(f"Run {detail.name}", "/runs", body)
+
+
+def _times_table(times: Sequence[StudyTimes]) -> Markup:
+    """Each pulled study's time in each step it finished, and in all once it ended."""
+    rows = [
+        (
+            t.study,
+            *(_step_time(t.steps.get(step)) for step in STUDY_STEPS),
+            _step_time(t.total),
+        )
+        for t in times
+    ]
+    headers = ("study", *(step.value for step in STUDY_STEPS), "total")
+    return table(headers, rows, numeric=range(len(headers)))
 
 
 def quarantine_page(tallies: Sequence[RunTally]) -> Markup:

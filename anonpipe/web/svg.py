@@ -1,10 +1,11 @@
 """Small server-rendered SVG bar charts for the status pages: no JavaScript, no library.
 
 Two shapes are enough for what reads better as a picture than as numbers: :func:`bars` (one value
-per run: files per second, run or study durations) and :func:`stacked_bars` (several values per
-run: quarantined files by reason). Every label goes through :func:`~anonpipe.web.markup.tag`, so
-it is escaped; each chart carries a ``<title>`` and ``<desc>`` for screen readers, and each bar a
-``<title>`` with its exact value (a browser shows it on hover).
+per run: files per second, run durations) and :func:`stacked_bars` (several values per run:
+quarantined files by reason, a study's mean time in each step). Every label goes through
+:func:`~anonpipe.web.markup.tag`, so it is escaped; each chart carries a ``<title>`` and
+``<desc>`` for screen readers, and each bar a ``<title>`` with its exact value (a browser shows
+it on hover).
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ def _label(text: str, x: float, count: int) -> Markup:
     return tag("text", text, x=f"{x:.1f}", y=y, class_="label", text_anchor="middle")
 
 
+def _bar(title: str, centre: float, width: float, top: float, height: float, fill: str) -> Markup:
+    """One bar centred on *centre*, from *top* down *height*, its exact value in its title."""
+    return tag(
+        "rect",
+        tag("title", title),
+        x=f"{centre - width / 2:.1f}",
+        y=f"{top:.1f}",
+        width=f"{width:.1f}",
+        height=f"{height:.1f}",
+        fill=fill,
+    )
+
+
 def bars(
     title: str,
     labels: Sequence[str],
@@ -138,15 +152,7 @@ def bars(
         height = 0.0 if value is None else plot_h * value / top
         shown = "no data" if value is None else f"{_number(value)} {unit}"
         body.append(
-            tag(
-                "rect",
-                tag("title", f"{label}: {shown}"),
-                x=f"{centre - width / 2:.1f}",
-                y=f"{_TOP + plot_h - height:.1f}",
-                width=f"{width:.1f}",
-                height=f"{height:.1f}",
-                fill=PALETTE[0],
-            )
+            _bar(f"{label}: {shown}", centre, width, _TOP + plot_h - height, height, PALETTE[0])
         )
         body.append(_label(label, centre, len(values)))
     described = ", ".join(
@@ -159,7 +165,7 @@ def bars(
 def stacked_bars(
     title: str,
     labels: Sequence[str],
-    series: Mapping[str, Sequence[int]],
+    series: Mapping[str, Sequence[float]],
     unit: str,
 ) -> Markup:
     """One bar per label, stacked from *series* (name → one value per label), with a legend."""
@@ -182,23 +188,16 @@ def stacked_bars(
                 continue
             height = plot_h * values[i] / top
             base -= height
-            body.append(
-                tag(
-                    "rect",
-                    tag("title", f"{label}: {name}: {values[i]} {unit}"),
-                    x=f"{centre - width / 2:.1f}",
-                    y=f"{base:.1f}",
-                    width=f"{width:.1f}",
-                    height=f"{height:.1f}",
-                    fill=colour[name],
-                )
-            )
+            hover = f"{label}: {name}: {_number(values[i])} {unit}"
+            body.append(_bar(hover, centre, width, base, height, colour[name]))
         body.append(_label(label, centre, len(labels)))
     chart = _frame(
         title,
         f"{title} ({unit}), by run: "
         + (
-            "; ".join(f"{label} {total}" for label, total in zip(labels, totals, strict=True))
+            "; ".join(
+                f"{label} {_number(total)}" for label, total in zip(labels, totals, strict=True)
+            )
             or "none"
         ),
         top,

@@ -5,9 +5,7 @@ no original identifier in any reply."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,28 +16,14 @@ from anonpipe.daemon.status import RunDetail, RunSummary, ServiceState, StatusRe
 from tests.harness.daemon import Daemon, make_site, query_state, run_state
 from tests.harness.deployment import Site, StudyPlan
 from tests.harness.orthanc import OrthancFactory
+from tests.harness.shell import shell
 
 pytestmark = pytest.mark.timeout(300)
-
-BIN = Path(sys.executable).parent
 
 
 def _ctl(site: Site, *argv: str) -> subprocess.CompletedProcess[str]:
     """``anonpipectl -c CONFIG ARGV…`` as an operator runs it, in a shell."""
-    return _shell(site, f"anonpipectl -c {site.config_path} {' '.join(argv)}")
-
-
-def _shell(site: Site, command: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    return subprocess.run(
-        ["bash", "-o", "pipefail", "-c", command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=site.root,
-        check=False,
-    )
+    return shell(f"anonpipectl -c {site.config_path} {' '.join(argv)}", site.root)
 
 
 def _ok(done: subprocess.CompletedProcess[str]) -> str:
@@ -111,9 +95,9 @@ def test_every_command_reads_well_and_as_json(
 
         # A reader that closes the pipe: no traceback, anonpipectl's own exit code.
         for reader in ("head -1", "true"):
-            piped = _shell(site, f"anonpipectl -c {site.config_path} status | {reader}")
+            piped = shell(f"anonpipectl -c {site.config_path} status | {reader}", site.root)
             assert (piped.returncode, piped.stderr) == (0, ""), reader
-        piped = _shell(site, f"anonpipectl -c {site.config_path} status | head -1")
+        piped = shell(f"anonpipectl -c {site.config_path} status | head -1", site.root)
         assert piped.stdout == "state     idle\n"
 
         everything = "\n".join(

@@ -98,10 +98,13 @@ def test_pages_in_chromium_without_javascript_show_the_studies_and_counts(
 
             text = visit("/runs", "runs")
             assert name in text and "done" in text
-            assert page.locator("svg.chart").count() == 3
+            # files/s, run durations, study durations by step, quarantine reasons
+            assert page.locator("svg.chart").count() == 4
+            assert page.locator("svg.chart title", has_text="Study durations by step").count()
             pushed = len(site.research.instances())
             text = visit(f"/runs/{name}", "run")
             assert "Starting at" in text and f"pushed\n{pushed}" in text
+            assert "Study step times" in text and "writeback" in text
 
             quarantined = _expected_quarantined(site)
             text = visit("/quarantine", "quarantine")

@@ -69,6 +69,11 @@ def _expected_quarantined(site: Site) -> int:
     )
 
 
+def _fact(page: str, name: str) -> str:
+    """The value of *name* in a page's list of facts (``<dt>name</dt><dd>value</dd>``)."""
+    return page.split(f"<dt>{name}</dt><dd>", 1)[1].split("</dd>", 1)[0]
+
+
 def _check_crawl(pages: Crawl, forbidden: set[str]) -> None:
     assert {"/", "/runs", "/quarantine", "/metrics"} <= pages.paths()
     assert any(p.startswith("/runs/run_at_") for p in pages.paths())
@@ -145,6 +150,45 @@ def test_every_page_during_and_after_a_run_shows_no_identifier_and_metrics_match
         assert one("anonpipe_scp_objects_landed_total") == pushed + quarantined
         assert one("anonpipe_misroute_latched") == 0
         assert one("anonpipe_service_state", state="idle") == 1
+
+        # Bytes: what was pushed is the clean outputs the research PACS holds, as written; what
+        # the SCP received is what landed in the run's from_staging folder.
+        (run_path,) = query_state(site, "SELECT path FROM runs")
+        outputs = query_state(site, "SELECT output, size FROM files WHERE pushed = 1")
+        assert len(outputs) == pushed
+        on_disk = sum(Path(str(output)).stat().st_size for output, _size in outputs)
+        assert [size for _output, size in outputs if size is None] == []
+        assert sum(int(str(size)) for _output, size in outputs) == on_disk
+        assert one("anonpipe_bytes_pushed_total") == on_disk
+        landed = [f for f in (Path(str(run_path[0])) / "from_staging").rglob("*") if f.is_file()]
+        assert len(landed) == pushed + quarantined
+        received = sum(f.stat().st_size for f in landed)
+        assert received > 0 and one("anonpipe_scp_bytes_received_total") == received
+        assert one("anonpipe_scp_associations_accepted_total") >= 1
+        assert _fact(run_page, "bytes pushed").endswith(f"({on_disk} bytes)")
+        assert _fact(now, "bytes received").endswith(f"({received} bytes)")
+        assert int(_fact(now, "associations accepted")) >= 1
+
+        # Study times: each study at its end (published, or failed and reported) has its total;
+        # each went through the steps it finished, and only those.
+        published, missing = len(site.approved_uids), len(site.missing_uids)
+        assert one("anonpipe_study_duration_seconds_count") == published + missing
+        assert one("anonpipe_study_duration_seconds_sum") > 0
+
+        def steps(step: str) -> float:
+            return one("anonpipe_study_step_duration_seconds_count", step=step)
+
+        # Never found: pulled (the C-MOVE found nothing), failed, reported.
+        for step in ("pull", "deidentify", "writeback"):
+            assert steps(step) == published + missing, step
+        for step in ("hook", "push", "verify"):  # the default hook is per study
+            assert steps(step) == published, step
+        longest = max(
+            one("anonpipe_study_step_duration_seconds_sum", step=step)
+            for step in ("pull", "deidentify", "hook", "push", "verify", "writeback")
+        )
+        assert 0 < longest <= one("anonpipe_study_duration_seconds_sum")
+        assert "<h2>Study step times</h2><table>" in run_page
 
         # Read-only: nothing but GET (and HEAD) is answered.
         request = f"POST / HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Length: 0\r\n\r\n"
