@@ -1247,7 +1247,8 @@ def record(
                 for name, found in leaks
                 if found and found["where"]
             )
-            + "Ours also fsyncs every landed object, writes the audit trail and state store, "
+            + "Ours also syncs each study's landed objects and outputs once, writes the audit "
+            "trail and state store, "
             "verifies each study by C-FIND and writes back to the review DB.",
         ]
     split = r.phases(r.ours)

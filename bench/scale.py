@@ -410,8 +410,9 @@ def record(
         "workers' shared pages count once per process) and of its PSS summed (shared pages "
         "split); idle RSS is the group's summed RSS just before the poll. CPU: the group's user "
         f"+ system seconds from poll to done. Loopback, {_versions()}, files on "
-        f"{_fs_type(work)}; our config as the harness writes it (`jobs = 2`, one push "
-        "association), `poll_interval` an hour.",
+        f"{_fs_type(work)}; our config as the harness writes it (`jobs = 2`; the "
+        "default push associations, studies in flight and parallel moves), `poll_interval` an "
+        "hour.",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|---|---|" + "---:|" * (len(HEADERS) - 2),
