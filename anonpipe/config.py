@@ -395,7 +395,7 @@ class PipelineSettings:
     hook_files: tuple[Path, ...] = field(default=(), metadata={"each": _existing_file})
     #: Studies between their pull and their write-back at once: one study's push overlaps
     #: the next one's pull (with a per-study hook; a per-run hook waits for every pull).
-    studies_in_flight: int = field(default=2, metadata={"check": _between(1, 64, "an integer")})
+    studies_in_flight: int = field(default=4, metadata={"check": _between(1, 64, "an integer")})
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,7 @@ EXTRAS = {
     },
     "staging": {"connect_timeout": 10, "max_parallel_moves": 2},
     "research": {"connect_timeout": 10, "push_associations": 2, "retries": 3, "retry_backoff": 2.0},
-    "pipeline": {"studies_in_flight": 2},
+    "pipeline": {"studies_in_flight": 4},
     "review": {"password_file": ""},
     "anon": {"date_shift_days": [-365, -1], "jobs": 0, "safe_private": []},
     "logging": {"level": "info", "format": "auto"},
