@@ -97,6 +97,8 @@ class Outcome:
     #: Transfer Syntax UID of the output file (clean and duplicate outcomes), so a sender can
     #: offer the right presentation context without reading the header again.
     transfer_syntax_uid: str | None = None
+    #: Bytes of the output file as written (clean outcomes), for the counts of what is pushed.
+    size: int | None = None
 
 
 def deidentify_file(
@@ -207,8 +209,9 @@ def _clean_and_write(
     )
     dest = clean_dir / study / series / f"{sop}.dcm"
     status: Status = "clean"
+    size: int | None = None
     try:
-        write_file(dest, header, parsed, trailer, fsync=durable, replace=False)
+        size = write_file(dest, header, parsed, trailer, fsync=durable, replace=False).size
     except FileExistsError:
         if not same_content(dest, header, parsed, trailer):
             detail = "another object with this SOP Instance UID was written first"
@@ -230,6 +233,7 @@ def _clean_and_write(
         sop_class_uid=str(cleaned.SOPClassUID),
         disagrees=disagrees,
         transfer_syntax_uid=str(parsed.transfer_syntax),
+        size=size,
     )
 
 

@@ -15,7 +15,6 @@ it hands work to and in the de-identification workers too (:mod:`anonpipe.logs`)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -166,8 +165,8 @@ async def _pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyReco
             " resumes where it stopped"
         )
     # The one sync that makes the study's landed objects and its outputs durable.
-    sizes = await asyncio.to_thread(_sync_study, landing_dir, outcomes, rdir.quarantine)
-    records = [_record(study.review_id, o, sizes) for o in outcomes]
+    await asyncio.to_thread(_sync_study, landing_dir, outcomes, rdir.quarantine)
+    records = [_record(study.review_id, o) for o in outcomes]
     await p.store.add_files(ctx.run.name, records)
     _write_anonymize_lines(ctx, study, records, outcomes)
     pulled = audit.PulledStudy(
@@ -204,23 +203,16 @@ async def _pull_and_deidentify(ctx: RunContext, study: StudyRecord) -> StudyReco
     return await _set(ctx, study, StudyState.DEIDENTIFIED, reason=None, **counts)
 
 
-def _sync_study(landing_dir: Path, outcomes: list[Outcome], quarantine: Path) -> dict[Path, int]:
+def _sync_study(landing_dir: Path, outcomes: list[Outcome], quarantine: Path) -> None:
     """fsync what the study landed and wrote (its landing folder, its output tree, the
     quarantine folder) and nothing else: ``syncfs`` would wait for the other studies in flight
-    too (bench/RESULTS.md, network throughput, issue 12). Returns the clean outputs' sizes (what
-    their push sends, counted once it is in the research PACS)."""
-    sizes: dict[Path, int] = {}
-    for o in outcomes:
-        if o.status == "clean" and o.output:
-            with contextlib.suppress(OSError):
-                sizes[o.output] = o.output.stat().st_size
+    too (bench/RESULTS.md, network throughput, issue 12)."""
     sync_folder(landing_dir)
     studies = {o.output.parent.parent for o in outcomes if o.status == "clean" and o.output}
     for tree in sorted(studies):
         sync_tree(tree)
     if any(o.status == "quarantined" for o in outcomes):
         sync_folder(quarantine)
-    return sizes
 
 
 def _write_anonymize_lines(
@@ -251,7 +243,7 @@ def _write_anonymize_lines(
     ctx.append_new("anonymize_output.txt", summary, earlier)
 
 
-def _record(review_id: int, outcome: Outcome, sizes: dict[Path, int]) -> FileRecord:
+def _record(review_id: int, outcome: Outcome) -> FileRecord:
     clean = outcome.status == "clean"
     return FileRecord(
         review_id=review_id,
@@ -265,7 +257,7 @@ def _record(review_id: int, outcome: Outcome, sizes: dict[Path, int]) -> FileRec
         sop_class=outcome.sop_class_uid,
         series_uid=outcome.series_uid if clean else None,
         transfer_syntax=outcome.transfer_syntax_uid if clean else None,
-        size=sizes.get(outcome.output) if clean and outcome.output else None,
+        size=outcome.size if clean else None,
     )
 
 
