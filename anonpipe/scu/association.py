@@ -398,6 +398,9 @@ def _failure_reason(assoc: Any, peer: Endpoint, connected: bool) -> tuple[str, C
         return "association rejected; check that it knows our AE title", Cause.REFUSAL
     if assoc.is_aborted:
         ending = ended(assoc)
+        if ending is not None and ending.cause is Cause.OUTAGE:
+            # Closed without an answer (e.g. the PACS stopping while we asked): wait for it.
+            return f"{ending.reason} before answering the association request", Cause.OUTAGE
         why = ending.reason if ending else "association aborted by the peer"
         return (
             f"{why}; no presentation context accepted, or our AE title not allowed there?",

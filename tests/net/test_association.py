@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.presentation import build_context
 
 from anonpipe.config import LocalSettings, StagingSettings
 from anonpipe.dimse import VERIFICATION
-from anonpipe.scu.association import associate
+from anonpipe.scu.association import Cause, PeerUnavailable, associate
 from tests.harness.dcmtk import StoreSCP
 from tests.harness.ports import LOOPBACK
 
@@ -70,3 +72,58 @@ def test_a_response_nobody_waits_for_is_dropped_as_before(
             response.Status = 0
             assoc._serve_request(response, 1)
             assert assoc.dimse.msg_queue.empty()
+
+
+def _one_shot_peer(answer: bytes | None) -> tuple[int, threading.Thread]:
+    """A TCP peer that takes one connection, reads the association request and then sends
+    *answer* (a raw PDU) or, if None, just closes: a PACS dying in the middle of the handshake."""
+    server = socket.create_server((LOOPBACK, 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                if answer is not None:
+                    conn.sendall(answer)
+                    time.sleep(0.5)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread
+
+
+#: An A-ABORT PDU from the peer's application (source 0, reason 0).
+_A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+
+
+def test_a_connection_closed_before_the_association_answer_is_an_outage(
+    local: LocalSettings,
+) -> None:
+    """A PACS stopped while we associate closes without a word: wait for it, do not fail the
+    study as if it had refused us (a CI failure of the research-outage scenario)."""
+    port, thread = _one_shot_peer(None)
+    peer = StagingSettings(ae_title="GONE", host=LOOPBACK, port=port, connect_timeout=5)
+    with (
+        pytest.raises(PeerUnavailable) as caught,
+        associate(local, peer, [build_context(VERIFICATION)]),
+    ):
+        pass
+    thread.join(5)
+    assert caught.value.cause is Cause.OUTAGE, caught.value.reason
+    assert "closed the connection" in caught.value.reason
+
+
+def test_an_abort_in_answer_to_the_association_request_is_a_refusal(
+    local: LocalSettings,
+) -> None:
+    port, thread = _one_shot_peer(_A_ABORT)
+    peer = StagingSettings(ae_title="NO", host=LOOPBACK, port=port, connect_timeout=5)
+    with (
+        pytest.raises(PeerUnavailable) as caught,
+        associate(local, peer, [build_context(VERIFICATION)]),
+    ):
+        pass
+    thread.join(5)
+    assert caught.value.cause is Cause.REFUSAL, caught.value.reason
