@@ -197,7 +197,9 @@ def _anonymize(args: argparse.Namespace) -> int:
     from anonpipe.logs import configure_logging
 
     settings = load_settings(args.config, os.environ)
-    configure_logging(settings.logging.level, settings.logging.format)  # type: ignore[arg-type]
+    # No networking here: pynetdicom is never imported, so its switches need not be set (the
+    # import alone was a tenth of this command's start-up). A test keeps it out.
+    configure_logging(settings.logging.level, settings.logging.format, libraries=False)  # type: ignore[arg-type]
     if not args.src.is_dir():
         print(f"anonpipe anonymize: SRC {args.src} is not a folder", file=sys.stderr)
         return EXIT_USAGE

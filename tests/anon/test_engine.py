@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,6 +369,36 @@ def test_anonymize_command(
     assert "quarantined: patient protocol series" in out
     assert len(list((tmp_path / "quarantine").glob("*.dcm"))) == protocol
     assert main(["anonymize", "-c", str(config), str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+
+
+_NO_NETWORKING = """
+import sys
+from anonpipe.cli import main
+code = main(sys.argv[1:])
+assert "pynetdicom" not in sys.modules, "anonymize imported pynetdicom"
+raise SystemExit(code)
+"""
+
+
+def test_anonymize_never_imports_the_networking_library(
+    generated: Manifest, tmp_path: Path
+) -> None:
+    """``anonymize`` leaves pynetdicom's identifier-logging switches alone (start-up time):
+    safe only while nothing in the command imports pynetdicom."""
+    config = tmp_path / "anonpipe.toml"
+    config.write_text(
+        f'[pipeline]\ndata_dir = "{tmp_path}/data"\n'
+        f'[anon]\nidentity_db = "{tmp_path}/id.db"\nkey_file = "{tmp_path}/anon.key"\n'
+    )
+    argv = ["anonymize", "-c", str(config), str(generated.root), str(tmp_path / "out")]
+    for jobs in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", _NO_NETWORKING, *argv, "--jobs", jobs],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_deflated_input_is_cleaned_and_stays_deflated(generated: Manifest, tmp_path: Path) -> None:
