@@ -7,6 +7,7 @@ in input order through a callback, so the caller can count, print and index as f
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import threading
@@ -126,6 +127,10 @@ _worker: Engine | None = None
 def _init_worker(spec: EngineSpec) -> None:
     global _worker
     _worker = Engine(spec)
+    # What the worker holds for good (imports, pydicom's dictionaries, the engine's tables) is
+    # moved out of the collector's reach: otherwise every full collection walks it again, and in
+    # a forked worker also writes to pages it shares with its parent (measured: -10 % CPU).
+    gc.freeze()
 
 
 def run_in_worker(task: tuple[Path, Path, Path]) -> Outcome:
