@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from anonpipe.daemon.states import StudyState
 from anonpipe.daemon.status import RunDetail, StatusReport, StudyStatus
+from anonpipe.tools.cleandata import format_size
 from anonpipe.web import svg
 from anonpipe.web.history import STUDY_STEPS, QuarantinedFile, RunTally, StudyTimes
 from anonpipe.web.layout import (
@@ -98,14 +99,8 @@ def _studies_table(studies: Sequence[StudyStatus]) -> Markup:
 
 
 def _size(count: int) -> str:
-    """Bytes as ``512 B``, ``1.5 MB``, ``2.25 GB`` (powers of 1000), with the exact count."""
-    value, unit = float(count), "B"
-    for bigger in ("kB", "MB", "GB", "TB"):
-        if value < 1000:
-            break
-        value, unit = value / 1000, bigger
-    shown = f"{count} B" if unit == "B" else f"{value:.3g} {unit}"
-    return shown if unit == "B" else f"{shown} ({count} bytes)"
+    """Bytes as the tools show them (``512 B``, ``1.5 MB``), with the exact count after."""
+    return f"{count} B" if count < 1000 else f"{format_size(count)} ({count} bytes)"
 
 
 def _step_time(seconds: float | None) -> str:

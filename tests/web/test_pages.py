@@ -138,7 +138,7 @@ def test_now_page_shows_bytes_received_and_associations_accepted() -> None:
         state="idle", scp=_scp(bytes_received=2_345_678, accepted_associations=17)
     )
     html = pages.now_page(status)
-    assert "<dt>bytes received</dt><dd>2.35 MB (2345678 bytes)</dd>" in html
+    assert "<dt>bytes received</dt><dd>2.3 MB (2345678 bytes)</dd>" in html
     assert "<dt>associations accepted</dt><dd>17</dd>" in html
     html = pages.now_page(StatusReport(state="idle", scp=_scp()))  # nothing received yet
     assert "<dt>bytes received</dt><dd>0 B</dd>" in html
